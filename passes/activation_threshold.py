@@ -1,0 +1,393 @@
+"""Activation thresholding: TEAL (every linear's input) and CATS (the gated-MLP activation).
+
+Rewrites, on the ATen graph:
+
+- TEAL: ``aten.linear(x, W, b)``  ->  ``sparsec::threshold_linear(x, W, b, t)``, i.e. ``W s_t(x) + b``
+  with ``s_t(x) = x * 1[|x| > t]``. Linears that share one input (q/k/v, gate/up) form a group
+  and always get one threshold, so one mask serves them all.
+- CATS: ``linear(act(linear(x, Wg)) * linear(x, Wu), Wd)``  ->  ``sparsec::cats_mlp(x, Wg, .., Wu, .., Wd, .., t, act)``
+  with the activation thresholded: ``Wd (CATS_t(act(Wg x)) * (Wu x))``.
+
+Sites are found from graph patterns, never from module names; ``targets``/``ignore`` filter
+by the path of the module that owns the weight. Thresholds come from calibration histograms
+(``sparsec.histogram``): TEAL ``t = F^-1(0.5 + p/2)`` on the signed activations, CATS the
+``p``-quantile of ``|act|``. ``allocation: greedy`` is TEAL's block-wise greedy search.
+
+Example recipe::
+
+    {"passes": {"activation_threshold": {"mode": "teal", "sparsity": 0.5,
+                                         "allocation": "greedy", "ignore": ["lm_head"]}}}
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from sparsec.errors import PlanError, RecipeError
+from sparsec.hookspecs import hookimpl
+from sparsec.passbase import GraphContext, Pass, Site, block_of, path_matches
+
+__all__ = ["ActivationThresholdConfig", "ActivationThreshold", "greedy_allocation"]
+
+aten = torch.ops.aten
+
+# gate activation op -> name understood by sparsec::cats_mlp
+_ACT_OPS = {
+    aten.silu.default: "silu",
+    aten.relu.default: "relu",
+    aten.gelu.default: "gelu",  # "gelu_tanh" when approximate="tanh", see _act_name
+}
+
+
+@dataclass
+class ActivationThresholdConfig:
+    #: "teal": threshold the input of every matched linear; "cats": threshold the gated-MLP activation
+    mode: str = "teal"
+    #: target sparsity in [0, 1): the fraction of activation entries set to zero
+    sparsity: float = 0.5
+    #: "greedy" (TEAL's block-wise search, needs the model at calibration) or "uniform"
+    allocation: str = "greedy"
+    #: module-path patterns to rewrite (empty: all that match the graph pattern)
+    targets: list[str] = field(default_factory=list)
+    #: module-path patterns never to rewrite; the tied lm_head stays dense by default
+    ignore: list[str] = field(default_factory=lambda: ["lm_head"])
+    #: histogram bins per site
+    bins: int = 4096
+    #: greedy: how much one step raises the size-weighted average sparsity of a block
+    greedy_step: float = 0.025
+    #: greedy: calibration batches held out from the histograms to score the steps on
+    greedy_batches: int = 1
+    #: greedy: no group is pushed beyond this sparsity
+    max_sparsity: float = 0.95
+
+    def validate(self) -> None:
+        if self.mode not in ("teal", "cats"):
+            raise RecipeError(f"mode must be 'teal' or 'cats', got {self.mode!r}")
+        if not (0.0 <= self.sparsity < 1.0) or math.isnan(self.sparsity):
+            raise RecipeError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.allocation not in ("greedy", "uniform"):
+            raise RecipeError(f"allocation must be 'greedy' or 'uniform', got {self.allocation!r}")
+        if self.mode == "cats" and self.allocation == "greedy":
+            # CATS has one site per MLP: greedy has nothing to trade off within a block
+            self.allocation = "uniform"
+        if self.bins < 16:
+            raise RecipeError(f"bins must be at least 16, got {self.bins}")
+        if not (self.greedy_step > 0):
+            raise RecipeError(f"greedy_step must be positive, got {self.greedy_step}")
+        if self.greedy_batches < 0:
+            raise RecipeError(f"greedy_batches must not be negative, got {self.greedy_batches}")
+        if not (0.0 < self.max_sparsity < 1.0):
+            raise RecipeError(f"max_sparsity must be in (0, 1), got {self.max_sparsity}")
+        if self.sparsity > self.max_sparsity:
+            raise RecipeError(f"sparsity {self.sparsity} exceeds max_sparsity {self.max_sparsity}")
+
+
+def _act_name(node: fx.Node) -> str | None:
+    if node.op != "call_function" or node.target not in _ACT_OPS:
+        return None
+    if node.target is aten.gelu.default and node.kwargs.get("approximate", "none") == "tanh":
+        return "gelu_tanh"
+    return _ACT_OPS[node.target]
+
+
+def _linear_parts(ctx: GraphContext, node: Any):
+    """``(x, weight_node, bias_node)`` if ``node`` is a linear with a 2-D parameter weight."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or node.target is not aten.linear.default:
+        return None
+    x, w = node.args[0], node.args[1]
+    b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    if ctx.param_name(w) is None:
+        return None
+    val = ctx.val(w)
+    if val is None or val.dim() != 2:
+        return None
+    if b is not None and ctx.param_name(b) is None:
+        return None
+    return x, w, b
+
+
+def _shape(ctx, node) -> list[int]:
+    return [int(s) for s in ctx.val(node).shape]
+
+
+def _nbytes(ctx, node) -> int:
+    v = ctx.val(node)
+    return int(v.numel()) * v.element_size()
+
+
+class ActivationThreshold(Pass):
+    name = "activation_threshold"
+    config_cls = ActivationThresholdConfig
+
+    def needs_calibration(self, config: ActivationThresholdConfig) -> bool:
+        return config.sparsity > 0
+
+    # -- match ---------------------------------------------------------------------------------
+    def _wanted(self, path: str, config) -> bool:
+        if config.targets and not path_matches(path, config.targets):
+            return False
+        return not path_matches(path, config.ignore)
+
+    def match(self, ctx: GraphContext, config: ActivationThresholdConfig) -> list[Site]:
+        return self._match_cats(ctx, config) if config.mode == "cats" else self._match_teal(ctx, config)
+
+    def _match_teal(self, ctx, config) -> list[Site]:
+        sites, groups = [], {}
+        for node in ctx.gm.graph.nodes:
+            parts = _linear_parts(ctx, node)
+            if parts is None:
+                continue
+            x, w, b = parts
+            path = ctx.site_path(node, w)
+            if not self._wanted(path, config):
+                continue
+            group = groups.setdefault(x, path)  # first linear reading x names the group
+            weights = {"weight": ctx.param_name(w)}
+            shapes = {"weight": _shape(ctx, w)}
+            if b is not None:
+                weights["bias"] = ctx.param_name(b)
+                shapes["bias"] = _shape(ctx, b)
+            sites.append(
+                Site(
+                    key=path, pass_name=self.name, kind="teal",
+                    nodes={"linear": node, "input": x, "weight": w, "bias": b},
+                    weights=weights, weight_shapes=shapes, weight_bytes=_nbytes(ctx, w),
+                    group=group, block=block_of(path),
+                )
+            )
+        _check_unique(sites)
+        return sites
+
+    def _match_cats(self, ctx, config) -> list[Site]:
+        sites = []
+        for node in ctx.gm.graph.nodes:
+            down = _linear_parts(ctx, node)
+            if down is None:
+                continue
+            h = down[0]
+            if not (isinstance(h, fx.Node) and h.op == "call_function" and h.target is aten.mul.Tensor and len(h.users) == 1):
+                continue
+            found = None
+            for act_node, up_node in (h.args, h.args[::-1]):
+                act = _act_name(act_node) if isinstance(act_node, fx.Node) else None
+                if act is None or len(act_node.users) != 1:
+                    continue
+                gate = _linear_parts(ctx, act_node.args[0])
+                up = _linear_parts(ctx, up_node)
+                if gate is None or up is None or gate[0] is not up[0]:
+                    continue
+                if len(act_node.args[0].users) != 1 or len(up_node.users) != 1:
+                    continue
+                found = (act, act_node, gate, up, up_node)
+                break
+            if found is None:
+                continue
+            act, act_node, gate, up, up_node = found
+            roles = {"gate": gate, "up": up, "down": down}
+            weights, shapes, nbytes = {}, {}, 0
+            for role, (_, w, b) in roles.items():
+                weights[f"{role}_weight"] = ctx.param_name(w)
+                shapes[f"{role}_weight"] = _shape(ctx, w)
+                nbytes += _nbytes(ctx, w)
+                if b is not None:
+                    weights[f"{role}_bias"] = ctx.param_name(b)
+                    shapes[f"{role}_bias"] = _shape(ctx, b)
+            paths = [ctx.site_path(n, roles[r][1]) for r, n in (("gate", act_node.args[0]), ("up", up_node), ("down", node))]
+            key = _common_prefix(paths) or paths[0]
+            if not self._wanted(key, config) or not all(self._wanted(p, config) for p in paths):
+                continue
+            sites.append(
+                Site(
+                    key=key, pass_name=self.name, kind="cats",
+                    nodes={"down": node, "act": act_node, "mul": h, "gate_linear": act_node.args[0],
+                           "up_linear": up_node, "input": gate[0],
+                           **{f"{r}_weight": roles[r][1] for r in roles}, **{f"{r}_bias": roles[r][2] for r in roles}},
+                    weights=weights, weight_shapes=shapes, weight_bytes=nbytes,
+                    group=key, block=block_of(key),
+                )
+            )
+            sites[-1].activation = act  # type: ignore[attr-defined]
+        _check_unique(sites)
+        return sites
+
+    # -- calibration ---------------------------------------------------------------------------
+    def probes(self, ctx, sites: list[Site], config) -> dict[str, tuple[fx.Node, bool]]:
+        """What to histogram: ``probe key -> (node, signed)``; one probe per shared input."""
+        if config.mode == "cats":
+            return {s.key: (s.nodes["act"], False) for s in sites}
+        return {s.group: (s.nodes["input"], True) for s in sites}
+
+    def plan_entries(
+        self,
+        sites: list[Site],
+        config: ActivationThresholdConfig,
+        hists: dict,
+        greedy_scorer: Callable | None = None,
+    ) -> dict[str, dict]:
+        """Thresholds for every site, from the histograms (and the greedy search if asked)."""
+        per_group: dict[str, float] = {}
+        group_sites: dict[str, list[Site]] = defaultdict(list)
+        for s in sites:
+            group_sites[s.group].append(s)
+        missing = [g for g in group_sites if g not in hists or hists[g].n == 0]
+        if missing:
+            raise PlanError(f"calibration data never reached the sites {missing[:5]}: is the graph data-dependent?")
+        if config.mode == "teal" and config.allocation == "greedy":
+            if greedy_scorer is None:
+                warnings.warn(
+                    "sparsec: greedy allocation needs the model (sparsec.calibrate(model, ...)); "
+                    "using uniform allocation on these inputs",
+                    stacklevel=3,
+                )
+            else:
+                per_group = greedy_allocation(sites, config, hists, greedy_scorer)
+        entries = {}
+        for g, members in group_sites.items():
+            s_target = per_group.get(g, config.sparsity)
+            t = hists[g].threshold(s_target)
+            for s in members:
+                entries[s.key] = {
+                    "pass": self.name,
+                    "kind": s.kind,
+                    "threshold": float(t),
+                    "sparsity": float(s_target),
+                    "measured_sparsity": float(hists[g].measured_sparsity(t)) if s_target > 0 else 0.0,
+                    "group": g,
+                    "block": s.block,
+                    "weights": s.weights,
+                    "weight_shapes": s.weight_shapes,
+                    "weight_bytes": s.weight_bytes,
+                    **({"activation": s.activation} if s.kind == "cats" else {}),
+                }
+        return entries
+
+    # -- rewrite -------------------------------------------------------------------------------
+    def rewrite(self, ctx: GraphContext, sites: list[Site], config, plan) -> bool:
+        import sparsec.kernels.activation  # noqa: F401  (defines the sparsec:: ops)
+
+        graph = ctx.gm.graph
+        changed = False
+        for s in sites:
+            entry = plan.entry_for(s)
+            if entry["sparsity"] <= 0:
+                continue  # a site the allocation left dense: keep the plain linear
+            t = float(entry["threshold"])
+            if s.kind == "teal":
+                old = s.nodes["linear"]
+                with graph.inserting_before(old):
+                    new = graph.call_function(
+                        torch.ops.sparsec.threshold_linear.default,
+                        (s.nodes["input"], s.nodes["weight"], s.nodes["bias"], t),
+                    )
+                new.meta.update(old.meta)
+                old.replace_all_uses_with(new)
+                graph.erase_node(old)
+            else:
+                old = s.nodes["down"]
+                n = s.nodes
+                with graph.inserting_before(old):
+                    new = graph.call_function(
+                        torch.ops.sparsec.cats_mlp.default,
+                        (n["input"], n["gate_weight"], n["gate_bias"], n["up_weight"], n["up_bias"],
+                         n["down_weight"], n["down_bias"], t, entry.get("activation", "silu")),
+                    )
+                new.meta.update(old.meta)
+                old.replace_all_uses_with(new)
+                for dead in (old, n["mul"], n["act"], n["gate_linear"], n["up_linear"]):
+                    if not dead.users:
+                        graph.erase_node(dead)
+            changed = True
+        return changed
+
+
+def _common_prefix(paths: list[str]) -> str:
+    parts = [p.split(".") for p in paths]
+    out = []
+    for tok in zip(*parts):
+        if len(set(tok)) != 1:
+            break
+        out.append(tok[0])
+    return ".".join(out)
+
+
+def _check_unique(sites: list[Site]) -> None:
+    # A weight used by two linears (weight tying inside one graph) would give two sites one
+    # key; the plan could not tell them apart, so suffix the later ones.
+    seen: dict[str, int] = {}
+    for s in sites:
+        if s.key in seen:
+            seen[s.key] += 1
+            s.key = f"{s.key}#{seen[s.key]}"
+        else:
+            seen[s.key] = 0
+
+
+# ---- TEAL greedy block-wise allocation ----------------------------------------------------------
+
+
+def greedy_allocation(
+    sites: list[Site],
+    config: ActivationThresholdConfig,
+    hists: dict,
+    scorer: Callable[[str, dict[str, float]], float],
+) -> dict[str, float]:
+    """Per-group sparsities, block by block (TEAL, arXiv 2408.14690, section 4.2).
+
+    In each block all groups start at 0. A step raises one group's sparsity by
+    ``greedy_step / w_g`` (``w_g``: that group's share of the block's weight bytes), so every
+    candidate raises the block's size-weighted average by the same ``greedy_step``; the step
+    kept is the one that least increases ``||Y_dense - Y_sparse||`` of the block's output
+    (``scorer(block, {site key: threshold})``) on held-out tokens. Stop at the target average.
+    """
+    from tqdm.auto import tqdm
+
+    blocks: dict[str, dict[str, list[Site]]] = defaultdict(lambda: defaultdict(list))
+    for s in sites:
+        blocks[s.block][s.group].append(s)
+    result: dict[str, float] = {}
+    target = config.sparsity
+    for block in tqdm(list(blocks), desc="sparsec greedy allocation", unit="block", leave=False):
+        groups = blocks[block]
+        size = {g: sum(s.weight_bytes for s in members) for g, members in groups.items()}
+        total = sum(size.values())
+        w = {g: size[g] / total for g in groups}
+        sp = {g: 0.0 for g in groups}
+
+        def thresholds(spars):
+            return {s.key: hists[g].threshold(spars[g]) for g, members in groups.items() for s in members}
+
+        avg = 0.0
+        while avg < target - 1e-9:
+            step = min(config.greedy_step, target - avg)
+            best, best_err = None, math.inf
+            for g in groups:
+                cand = sp[g] + step / w[g]
+                if cand > config.max_sparsity:
+                    continue
+                trial = dict(sp, **{g: cand})
+                err = scorer(block, thresholds(trial))
+                if err < best_err:
+                    best, best_err = g, err
+            if best is None:  # every group at its cap: spread what is left uniformly
+                for g in groups:
+                    sp[g] = min(config.max_sparsity, sp[g] + (target - avg))
+                break
+            sp[best] += step / w[best]
+            avg = sum(w[g] * sp[g] for g in groups)
+        result.update(sp)
+    return result
+
+
+_PASS = ActivationThreshold()
+
+
+@hookimpl
+def sparsec_register_passes(register):
+    register(_PASS)

@@ -1,0 +1,48 @@
+"""sparsec: a plugin-based sparsity compiler for PyTorch.
+
+    compiled = torch.compile(model, backend="sparsec", options={"recipe": "teal-40"})
+    plan = sparsec.calibrate(model, batches, recipe="teal-50"); plan.save("m.sparsec")
+    ep = sparsec.export(model, (input_ids,), plan=plan)
+    print(sparsec.report(compiled))
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .backend import SparsecNotice, sparsec_backend
+from .calibrate import calibrate
+from .errors import PassError, PlanError, PluginError, RecipeError, SparsecError
+from .export import export
+from .hookspecs import hookimpl
+from .passbase import GraphContext, Pass, Site
+from .pipeline import counters, run_pipeline
+from .plan import Plan
+from .plugins import get_registry
+from .recipes import Recipe, resolve_recipe
+from .report import Report, report
+
+__all__ = [
+    "__version__",
+    "calibrate",
+    "export",
+    "report",
+    "Report",
+    "Plan",
+    "Recipe",
+    "resolve_recipe",
+    "Pass",
+    "Site",
+    "GraphContext",
+    "hookimpl",
+    "counters",
+    "run_pipeline",
+    "get_registry",
+    "sparsec_backend",
+    "SparsecNotice",
+    "SparsecError",
+    "RecipeError",
+    "PlanError",
+    "PluginError",
+    "PassError",
+]

@@ -1,0 +1,101 @@
+"""``torch.compile(model, backend="sparsec", options={...})``.
+
+Registered through the ``torch_dynamo_backends`` entry point, so no ``import sparsec`` is
+needed. The path (``shared/ALGORITHMS.md``): dynamo graph -> ATen graph (``make_fx``,
+pre-dispatch) -> sparsec passes -> Inductor's ``compile_fx`` for everything dense.
+
+Prepared weights are not copied: the rewritten ops read the model's own parameters, which
+dynamo guards on. Thresholds are constants of the compiled graph: a new plan needs a new
+``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from .calibrate import calibrate_graph
+from .capture import capture_dynamo
+from .plan import Plan
+from .pipeline import run_pipeline
+from .plugins import get_registry
+from .recipes import CompileOptions, resolve_recipe
+
+__all__ = ["sparsec_backend", "SparsecNotice", "compiled_sites"]
+
+
+class SparsecNotice(UserWarning):
+    """A one-line notice: sparsec compiled something densely, or calibrated on the fly."""
+
+
+#: weight tensor -> {site key: plan entry}; lets ``sparsec.report(compiled)`` find what the
+#: backend did to a model without reaching into dynamo's private state.
+_SITES = torch.utils.weak.WeakIdKeyDictionary()
+#: plans calibrated on the fly, per options dict, so recompiles reuse the same thresholds
+_FALLBACK_PLANS: dict[int, tuple[dict, Plan]] = {}
+
+
+def _dense(gm, example_inputs, opts: CompileOptions | None):
+    if opts is not None and opts.dense_backend == "eager":
+        return gm
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs)
+
+
+def _notice(msg: str) -> None:
+    warnings.warn(msg, SparsecNotice, stacklevel=3)
+
+
+def compiled_sites(params) -> dict[str, dict]:
+    """The sites the backend rewrote whose weights are among ``params``."""
+    out: dict[str, dict] = {}
+    for p in params:
+        if p in _SITES:
+            out.update(_SITES[p])
+    return out
+
+
+def sparsec_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, **kwargs):
+    """The dynamo backend. ``options`` are described by ``sparsec.recipes.CompileOptions``."""
+    raw = options if options is not None else {}
+    opts = CompileOptions.from_dict({**raw, **kwargs})
+
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs):
+        _notice("sparsec: this graph needs gradients (grad mode is on); compiled densely by Inductor. "
+                "Run under torch.no_grad() or torch.inference_mode() for sparsity.")
+        return _dense(gm, example_inputs, opts)
+
+    plan = opts.plan
+    if isinstance(plan, (str, Path)):
+        plan = Plan.load(plan)
+    recipe = plan.recipe_obj() if plan is not None else resolve_recipe(opts.recipe)
+    ctx = capture_dynamo(gm, example_inputs)
+
+    reg = get_registry()
+    needs_cal = any(getattr(reg.passes[n], "needs_calibration", lambda c: False)(c) for n, c in recipe.passes.items())
+    if plan is None and needs_cal:
+        prev = _FALLBACK_PLANS.get(id(raw), (None, None))[1]
+        if prev is None:
+            _notice(f"sparsec: recipe {recipe.name!r} needs calibration and no plan was given: calibrating on "
+                    "the compile example inputs (uniform allocation). For real use: "
+                    "plan = sparsec.calibrate(model, batches, recipe); options={'plan': plan}.")
+        plan = calibrate_graph(ctx, recipe, example_inputs, prev)
+        _FALLBACK_PLANS[id(raw)] = (raw, plan)  # keep raw alive so its id stays unique
+    elif plan is None:
+        plan = Plan(recipe=recipe.to_dict())
+
+    result = run_pipeline(ctx, recipe, plan, on_plugin_error=opts.on_plugin_error)
+    if not result.modified:
+        _notice("sparsec: no pass matched this graph; compiled as Inductor would")
+        return _dense(gm, example_inputs, opts)
+
+    for s in result.sites:
+        entry = plan.sites.get(s.key)
+        for fqn in s.weights.values():
+            t = ctx.tensors.get(fqn)
+            if t is not None and entry is not None:
+                _SITES.setdefault(t, {})[s.key] = entry
+    return _dense(ctx.gm, example_inputs, opts)

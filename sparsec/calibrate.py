@@ -1,0 +1,221 @@
+"""Calibration: run the model on sample inputs and decide what the passes need (thresholds...).
+
+The graph is captured exactly as ``torch.compile(..., backend="sparsec")`` captures it, so the
+sites calibrated are the sites compiled; probe nodes record histograms at each site. TEAL's
+greedy allocation then scores candidate sparsities on held-out batches, block by block, in
+eager mode (the block modules are run with thresholds applied to their linears' inputs).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from .capture import capture_dynamo
+from .errors import PlanError, RecipeError
+from .pipeline import Collector, insert_probes, remove_probes
+from .plan import Plan
+from .plugins import get_registry
+from .recipes import resolve_recipe
+
+__all__ = ["calibrate", "calibrate_graph", "split_batch"]
+
+
+def split_batch(batch: Any) -> tuple[tuple, dict]:
+    """A batch is a tensor, a tuple/list of positional inputs, or a dict of keyword inputs."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}
+    if isinstance(batch, dict):
+        return (), dict(batch)
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch), {}
+    raise RecipeError(f"a calibration batch must be a tensor, a tuple of inputs or a dict, not {type(batch).__name__}")
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):  # ModelOutput is a dict
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        for o in out:
+            if isinstance(o, torch.Tensor):
+                return o
+    raise TypeError(f"cannot find a tensor in a block output of type {type(out).__name__}")
+
+
+class _BlockScorer:
+    """Scores a set of thresholds on one block: relative ``||Y_dense - Y_sparse||^2``."""
+
+    def __init__(self, model: torch.nn.Module, blocks: list[str], batches: list):
+        from sparsec.kernels.activation import threshold_reference
+
+        self._thr = threshold_reference
+        self.model = model
+        self.inputs: dict[str, list] = {b: [] for b in blocks}
+        hooks = []
+        for b in blocks:
+            mod = model.get_submodule(b) if b else model
+
+            def grab(m, args, kwargs, b=b):
+                detach = lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
+                self.inputs[b].append((tuple(detach(a) for a in args), {k: detach(v) for k, v in kwargs.items()}))
+
+            hooks.append(mod.register_forward_pre_hook(grab, with_kwargs=True))
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    args, kwargs = split_batch(batch)
+                    model(*args, **kwargs)
+        finally:
+            for h in hooks:
+                h.remove()
+        self.dense = {b: [self._run(b, a, k) for a, k in self.inputs[b]] for b in blocks}
+
+    def _run(self, block, args, kwargs):
+        mod = self.model.get_submodule(block) if block else self.model
+        with torch.no_grad():
+            return _first_tensor(mod(*args, **kwargs)).float()
+
+    def __call__(self, block: str, thresholds: dict[str, float]) -> float:
+        hooks = []
+        for key, t in thresholds.items():
+            if t <= 0:
+                continue
+            hooks.append(self.model.get_submodule(key).register_forward_pre_hook(
+                lambda m, a, t=t: (self._thr(a[0], t), *a[1:])))
+        try:
+            num = den = 0.0
+            for (a, k), ref in zip(self.inputs[block], self.dense[block]):
+                y = self._run(block, a, k)
+                num += float((y - ref).pow(2).sum())
+                den += float(ref.pow(2).sum())
+            return num / max(den, 1e-30)
+        finally:
+            for h in hooks:
+                h.remove()
+
+
+def _scorer_for(model, sites, batches):
+    """A block scorer, or ``None`` (with the reason) when the sites are not hookable linears."""
+    if not batches:
+        return None, "no batches to score on"
+    for s in sites:
+        try:
+            mod = model.get_submodule(s.key)
+        except AttributeError:
+            return None, f"site {s.key!r} is not a module"
+        if not isinstance(mod, torch.nn.Linear):
+            return None, f"site {s.key!r} is a {type(mod).__name__}, not an nn.Linear"
+    blocks = sorted({s.block for s in sites})
+    for b in blocks:
+        if b:
+            try:
+                model.get_submodule(b)
+            except AttributeError:
+                return None, f"block {b!r} is not a module"
+    return _BlockScorer(model, blocks, batches), ""
+
+
+def calibrate(model: torch.nn.Module, batches: Iterable, recipe: Any = "teal-50", *, progress: bool = True) -> Plan:
+    """Run ``model`` on ``batches`` and return a ``Plan`` for ``recipe``.
+
+    ``batches`` is an iterable of model inputs (a tensor, a tuple of positional inputs or a
+    dict of keyword inputs). With greedy allocation, the last ``greedy_batches`` batches are
+    held out from the histograms and used to score the allocation. The model is not modified.
+    """
+    from tqdm.auto import tqdm
+
+    recipe = resolve_recipe(recipe)
+    reg = get_registry()
+    batches = list(batches)
+    if not batches:
+        raise RecipeError("calibrate: no calibration batches given")
+    todo = {n: c for n, c in recipe.passes.items() if getattr(reg.passes[n], "needs_calibration", lambda c: False)(c)}
+    plan = Plan(recipe=recipe.to_dict(), meta=Plan.new_meta(model, calibration_batches=len(batches)))
+    if not todo:
+        return plan
+
+    n_hold = 0
+    for name, cfg in todo.items():
+        if getattr(cfg, "allocation", None) == "greedy" and len(batches) > 1:
+            n_hold = max(n_hold, min(getattr(cfg, "greedy_batches", 1), len(batches) - 1))
+    hist_batches = batches[: len(batches) - n_hold]
+    held_out = batches[len(batches) - n_hold :] or batches[:1]
+
+    bins = max(getattr(c, "bins", 4096) for c in todo.values())
+    collector = Collector(bins=bins)
+    found: dict[str, dict[str, object]] = {n: {} for n in todo}  # pass -> site key -> site
+
+    def probe_backend(gm, example_inputs):
+        ctx = capture_dynamo(gm, example_inputs)
+        for name, cfg in todo.items():
+            p = reg.passes[name]
+            sites = p.match(ctx, cfg)
+            for s in sites:
+                found[name].setdefault(s.key, s)
+            insert_probes(ctx.gm, {f"{name}:{k}": v for k, v in p.probes(ctx, sites, cfg).items()}, collector)
+        return ctx.gm
+
+    compiled = torch.compile(model, backend=probe_backend)
+    with torch.no_grad(), collector:
+        for batch in tqdm(hist_batches, desc="sparsec calibrate", unit="batch", disable=not progress):
+            args, kwargs = split_batch(batch)
+            compiled(*args, **kwargs)
+
+    for name, cfg in todo.items():
+        p = reg.passes[name]
+        sites = list(found[name].values())
+        if not sites:
+            warnings.warn(f"sparsec: pass {name!r} found no site in {type(model).__name__}", stacklevel=2)
+            continue
+        hists = {k.split(":", 1)[1]: h for k, h in collector.hists.items() if k.startswith(name + ":")}
+        scorer = None
+        if getattr(cfg, "allocation", None) == "greedy" and getattr(cfg, "mode", None) != "cats":
+            scorer, why = _scorer_for(model, sites, held_out)
+            if scorer is None:
+                warnings.warn(f"sparsec: greedy allocation is not possible here ({why}); using uniform", stacklevel=2)
+                cfg = type(cfg)(**{**cfg.__dict__, "allocation": "uniform"})
+        plan.sites.update(p.plan_entries(sites, cfg, hists, scorer))
+    return plan
+
+
+def calibrate_graph(ctx, recipe, example_inputs, plan: Plan | None = None, registry=None) -> Plan:
+    """Calibrate on one captured graph and its example inputs (compile without a plan).
+
+    Sites already in ``plan`` keep their entries; new ones are added. Greedy allocation needs
+    the model, which a backend never sees, so it falls back to uniform (with a warning).
+    """
+    reg = registry or get_registry()
+    plan = plan or Plan(recipe=recipe.to_dict(), meta=Plan.new_meta(calibrated_on="compile example inputs"))
+    real = [_concrete(v) for v in example_inputs]
+    for name, cfg in recipe.passes.items():
+        p = reg.passes[name]
+        if not getattr(p, "needs_calibration", lambda c: False)(cfg):
+            continue
+        sites = [s for s in p.match(ctx, cfg) if s.key not in plan.sites]
+        if not sites:
+            continue
+        collector = Collector(bins=getattr(cfg, "bins", 4096))
+        added = insert_probes(ctx.gm, p.probes(ctx, sites, cfg), collector)
+        try:
+            with torch.no_grad(), collector:
+                ctx.gm(*real)
+        finally:
+            remove_probes(ctx.gm, added)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the caller already warned that it calibrates here
+            plan.sites.update(p.plan_entries(sites, cfg, collector.hists, None))
+    return plan
+
+
+def _concrete(v):
+    if isinstance(v, torch.SymInt):
+        hint = v.node.hint
+        if hint is None:
+            raise PlanError("cannot calibrate on symbolic shapes without hints: pass a plan from sparsec.calibrate")
+        return int(hint)
+    return v

@@ -1,0 +1,56 @@
+"""``sparsec.export``: a ``torch.export.ExportedProgram`` with sparsec's ops in it."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .backend import SparsecNotice
+from .calibrate import calibrate
+from .capture import capture_export
+from .plan import Plan
+from .pipeline import run_pipeline
+from .plugins import get_registry
+from .recipes import resolve_recipe
+
+__all__ = ["export"]
+
+
+def export(
+    model: torch.nn.Module,
+    args: tuple,
+    kwargs: dict | None = None,
+    *,
+    plan: Plan | str | Path | None = None,
+    recipe: Any = None,
+    dynamic_shapes: Any = None,
+    on_plugin_error: str = "raise",
+) -> torch.export.ExportedProgram:
+    """Export ``model`` with the plan's rewrites applied; ``ep.module()`` runs it.
+
+    Give a calibrated ``plan`` (or a ``recipe``: one that needs calibration is calibrated on
+    ``args``, with a warning). The model itself is not modified.
+    """
+    if plan is None and recipe is None:
+        raise ValueError("sparsec.export: give a plan (sparsec.calibrate) or a recipe")
+    if isinstance(plan, (str, Path)):
+        plan = Plan.load(plan)
+    if plan is None:
+        recipe_obj = resolve_recipe(recipe)
+        reg = get_registry()
+        if any(getattr(reg.passes[n], "needs_calibration", lambda c: False)(c) for n, c in recipe_obj.passes.items()):
+            warnings.warn(f"sparsec.export: recipe {recipe_obj.name!r} needs calibration and no plan was given: "
+                          "calibrating on the export inputs", SparsecNotice, stacklevel=2)
+            plan = calibrate(model, [tuple(args) if not kwargs else dict(kwargs)], recipe_obj, progress=False)
+        else:
+            plan = Plan(recipe=recipe_obj.to_dict())
+    recipe_obj = plan.recipe_obj()
+    ep, ctx = capture_export(model, args, kwargs, dynamic_shapes)
+    with torch.no_grad():
+        result = run_pipeline(ctx, recipe_obj, plan, on_plugin_error=on_plugin_error)
+    if not result.modified:
+        warnings.warn("sparsec.export: no pass matched; the program is the dense export", SparsecNotice, stacklevel=2)
+    return ep

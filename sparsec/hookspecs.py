@@ -1,0 +1,47 @@
+"""The hooks a sparsec plugin may implement.
+
+Every hook has the ``register(...)`` form (as in the llm project): sparsec passes a callback,
+so it can validate what a plugin registers, reject duplicate names with both owners named,
+and remember which plugin owns each thing. Hooks only ever gain parameters; an
+implementation may accept any subset of them (pluggy's rule).
+
+A plugin is a module or an object with functions decorated by ``sparsec.hookimpl``, listed
+under the entry-point group ``sparsec`` of its distribution::
+
+    [project.entry-points.sparsec]
+    my_plugin = "my_package.sparsec_plugin"
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+__all__ = ["hookspec", "hookimpl", "SparsecSpec"]
+
+hookspec = pluggy.HookspecMarker("sparsec")
+hookimpl = pluggy.HookimplMarker("sparsec")
+
+
+class SparsecSpec:
+    @hookspec
+    def sparsec_register_passes(self, register):
+        """Register graph passes: call ``register(pass_instance)`` for each.
+
+        A pass is an object with ``name``, ``config_cls``, ``match(ctx, config)`` and
+        ``rewrite(ctx, matches, config, plan)``; see ``sparsec.Pass``. Names are global:
+        a second pass with a taken name is an error naming both plugins.
+        """
+
+    @hookspec
+    def sparsec_register_kernels(self, register):
+        """Register the custom ops a plugin's passes emit:
+        ``register(op, reference=fn, description="...")``.
+
+        ``op`` is a ``torch.library`` op (``torch.ops.ns.name``); ``reference`` is its plain
+        torch implementation that faster kernels are tested against. Registration records
+        which plugin owns the op, so later errors (a missing ONNX translation, say) can name it.
+        """
+
+    @hookspec
+    def sparsec_register_recipes(self, register):
+        """Register named recipes: ``register(name, recipe_dict, description="...")``."""

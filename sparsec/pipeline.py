@@ -1,0 +1,169 @@
+"""The sparsec pipeline: the whole compiler, top to bottom, in ``run_pipeline``."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import warnings
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from .errors import PassError, PluginError, SparsecError
+from .passbase import GraphContext, Site
+from .plugins import Registry, get_registry
+
+__all__ = ["run_pipeline", "order_passes", "counters", "PipelineResult", "insert_probes", "Collector"]
+
+#: Per-pass counters, ``counters[pass_name][what]`` (Inductor's style); tests read and clear them.
+counters: defaultdict[str, Counter] = defaultdict(Counter)
+
+_graph_ids = itertools.count()
+
+
+@dataclass
+class PipelineResult:
+    modified: bool
+    sites: list[Site] = field(default_factory=list)
+    ran: list[str] = field(default_factory=list)
+
+
+def order_passes(reg: Registry, names) -> list[str]:
+    """Order the passes a recipe names by their ``after``/``before`` constraints (networkx).
+
+    A constraint may name any registered pass (one not in the recipe is simply absent);
+    an unknown name or a cycle is an error that names them.
+    """
+    g = nx.DiGraph()
+    names = list(names)
+    g.add_nodes_from(names)
+    for name in names:
+        p = reg.passes[name]
+        for other in getattr(p, "after", ()) or ():
+            if other not in reg.passes:
+                raise PluginError(f"pass {name!r} (plugin {reg.pass_plugin[name]!r}) must run after {other!r}, which no plugin registers")
+            if other in names:
+                g.add_edge(other, name)
+        for other in getattr(p, "before", ()) or ():
+            if other not in reg.passes:
+                raise PluginError(f"pass {name!r} (plugin {reg.pass_plugin[name]!r}) must run before {other!r}, which no plugin registers")
+            if other in names:
+                g.add_edge(name, other)
+    try:
+        # lexicographic among unconstrained passes: the order never depends on dict order
+        return list(nx.lexicographical_topological_sort(g))
+    except nx.NetworkXUnfeasible:
+        cycle = nx.find_cycle(g)
+        path = " -> ".join([u for u, _ in cycle] + [cycle[0][0]])
+        raise PluginError(f"pass ordering has a cycle: {path}") from None
+
+
+def _debug_dir() -> Path | None:
+    d = os.environ.get("SPARSEC_DEBUG")
+    if not d:
+        return None
+    p = Path(d)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _dump(ddir: Path | None, gid: int, step: int, name: str, when: str, gm: fx.GraphModule) -> None:
+    if ddir is not None:
+        text = gm.print_readable(print_output=False, include_stride=False, include_device=False)
+        (ddir / f"graph{gid:03d}_{step:02d}_{name}_{when}.txt").write_text(text)
+
+
+def run_pipeline(ctx: GraphContext, recipe, plan, *, on_plugin_error: str = "raise", registry: Registry | None = None) -> PipelineResult:
+    """Run the recipe's passes, in dependency order, over one ATen graph, using the plan.
+
+    Each pass matches its sites (without touching the graph), checks them against the plan,
+    then rewrites. The graph is linted and recompiled once at the end.
+    """
+    reg = registry or get_registry()
+    ddir, gid = _debug_dir(), next(_graph_ids)
+    result = PipelineResult(modified=False)
+    for step, name in enumerate(order_passes(reg, recipe.passes)):
+        p, cfg, plugin = reg.passes[name], recipe.passes[name], reg.pass_plugin[name]
+        _dump(ddir, gid, step, name, "before", ctx.gm)
+        try:
+            sites = p.match(ctx, cfg)
+            counters[name]["sites_matched"] += len(sites)
+            changed = bool(p.rewrite(ctx, sites, cfg, plan)) if sites else False
+        except SparsecError:
+            raise  # already says what is wrong (a plan mismatch, say)
+        except Exception as exc:
+            before = f" after {result.ran}" if result.ran else " (the first pass)"
+            msg = f"pass {name!r} from plugin {plugin!r} failed{before}: {type(exc).__name__}: {exc}"
+            if on_plugin_error == "skip":
+                warnings.warn(f"sparsec: skipping {msg}", stacklevel=2)
+                counters[name]["skipped"] += 1
+                continue
+            raise PassError(msg) from exc
+        counters[name]["runs"] += 1
+        if changed:
+            counters[name]["sites_rewritten"] += sum(1 for s in sites if plan.sites.get(s.key, {}).get("sparsity", 1) > 0)
+            result.sites.extend(sites)
+        result.modified |= changed
+        result.ran.append(name)
+        _dump(ddir, gid, step, name, "after", ctx.gm)
+    if result.modified:
+        ctx.gm.graph.lint()
+        ctx.gm.recompile()
+    return result
+
+
+# ---- calibration probes -------------------------------------------------------------------------
+
+
+class Collector:
+    """Histograms keyed by probe, fed by probe nodes while ``active``."""
+
+    active: "Collector | None" = None
+
+    def __init__(self, bins: int = 4096):
+        from .histogram import Histogram
+
+        self._H = Histogram
+        self.bins = bins
+        self.hists: dict[str, object] = {}
+        self.signed: dict[str, bool] = {}
+
+    def update(self, key: str, x: torch.Tensor) -> None:
+        h = self.hists.get(key)
+        if h is None:
+            h = self.hists[key] = self._H(signed=self.signed.get(key, True), bins=self.bins)
+        h.update(x)
+
+    def __enter__(self):
+        Collector.active = self
+        return self
+
+    def __exit__(self, *exc):
+        Collector.active = None
+
+
+def _probe(x: torch.Tensor, key: str) -> None:
+    c = Collector.active
+    if c is not None and isinstance(x, torch.Tensor):
+        c.update(key, x)
+
+
+def insert_probes(gm: fx.GraphModule, probes: dict[str, tuple[fx.Node, bool]], collector: Collector) -> list[fx.Node]:
+    """Insert a recording call after each probed node; returns the probe nodes (to remove later)."""
+    added = []
+    for key, (node, signed) in probes.items():
+        collector.signed[key] = signed
+        with gm.graph.inserting_after(node):
+            added.append(gm.graph.call_function(_probe, (node, key)))
+    gm.recompile()
+    return added
+
+
+def remove_probes(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:
+    for n in nodes:
+        gm.graph.erase_node(n)
+    gm.recompile()
