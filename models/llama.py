@@ -115,7 +115,9 @@ def load_model(name: str, dtype: torch.dtype = torch.float32):
     if name in ("smollm2-135m", "smollm2"):
         return smollm2(dtype)
     if name == "tiny-llama":
-        return tiny_llama(dtype=dtype), None
+        from .data import ByteTokenizer
+
+        return tiny_llama(dtype=dtype), ByteTokenizer()
     p = Path(name)
     if p.is_dir() and (p / "config.json").exists():
         _offline()

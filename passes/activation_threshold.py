@@ -200,7 +200,8 @@ class ActivationThreshold(Pass):
                     weights[f"{role}_bias"] = ctx.param_name(b)
                     shapes[f"{role}_bias"] = _shape(ctx, b)
             paths = [ctx.site_path(n, roles[r][1]) for r, n in (("gate", act_node.args[0]), ("up", up_node), ("down", node))]
-            key = _common_prefix(paths) or paths[0]
+            # the MLP module that multiplies (model.layers.0.mlp); the gate's path at the root
+            key = ctx.calling_module(h) or _common_prefix(paths) or paths[0]
             if not self._wanted(key, config) or not all(self._wanted(p, config) for p in paths):
                 continue
             sites.append(
@@ -353,7 +354,8 @@ def greedy_allocation(
         blocks[s.block][s.group].append(s)
     result: dict[str, float] = {}
     target = config.sparsity
-    for block in tqdm(list(blocks), desc="sparsec greedy allocation", unit="block", leave=False):
+    show = getattr(scorer, "progress", True)
+    for block in tqdm(list(blocks), desc="sparsec greedy allocation", unit="block", leave=False, disable=not show):
         groups = blocks[block]
         size = {g: sum(s.weight_bytes for s in members) for g, members in groups.items()}
         total = sum(size.values())

@@ -176,6 +176,8 @@ def calibrate(model: torch.nn.Module, batches: Iterable, recipe: Any = "teal-50"
         scorer = None
         if getattr(cfg, "allocation", None) == "greedy" and getattr(cfg, "mode", None) != "cats":
             scorer, why = _scorer_for(model, sites, held_out)
+            if scorer is not None:
+                scorer.progress = progress
             if scorer is None:
                 warnings.warn(f"sparsec: greedy allocation is not possible here ({why}); using uniform", stacklevel=2)
                 cfg = type(cfg)(**{**cfg.__dict__, "allocation": "uniform"})

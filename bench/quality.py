@@ -1,0 +1,62 @@
+"""SmolLM2 perplexity on the evaluation windows for the activation-sparsity recipes.
+
+    python bench/quality.py [--windows 8] [--length 512] [--json out.json]
+
+Calibration: 16 windows x 128 tokens from the first half of the pydoc text (batches of 4;
+the last batch is held out for the greedy search). Evaluation: windows from the second half.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import sparsec
+from sparsec.evaluate import perplexity, sparse_model
+from sparsec.models.data import calibration_windows, evaluation_windows
+from sparsec.models.llama import smollm2
+
+RECIPES = {
+    "teal-25 uniform": {"mode": "teal", "sparsity": 0.25, "allocation": "uniform"},
+    "teal-40 uniform": {"mode": "teal", "sparsity": 0.40, "allocation": "uniform"},
+    "teal-50 uniform": {"mode": "teal", "sparsity": 0.50, "allocation": "uniform"},
+    "teal-40 greedy": {"mode": "teal", "sparsity": 0.40, "allocation": "greedy"},
+    "teal-50 greedy": {"mode": "teal", "sparsity": 0.50, "allocation": "greedy"},
+    "cats-50": {"mode": "cats", "sparsity": 0.50},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--length", type=int, default=512)
+    ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    model, tok = smollm2()
+    ev = evaluation_windows(tok, a.windows, a.length)
+    cal = calibration_windows(tok, 16, 128, batch=4)
+    dense = perplexity(model, ev)
+    rows = [{"recipe": "dense", "ppl": dense, "delta": 0.0, "seconds": 0.0}]
+    print(f"{'recipe':<18}{'ppl':>9}{'vs dense':>10}{'calib s':>9}", flush=True)
+    print(f"{'dense':<18}{dense:9.3f}{'':>10}", flush=True)
+    for name, section in RECIPES.items():
+        if a.only and name not in a.only:
+            continue
+        t = time.time()
+        plan = sparsec.calibrate(model, cal, {"name": name, "passes": {"activation_threshold": section}}, progress=False)
+        secs = time.time() - t
+        ppl = perplexity(sparse_model(model, plan), ev)
+        rows.append({"recipe": name, "ppl": ppl, "delta": ppl / dense - 1, "seconds": secs})
+        print(f"{name:<18}{ppl:9.3f}{ppl / dense - 1:+10.1%}{secs:9.0f}", flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"windows": a.windows, "length": a.length, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main()

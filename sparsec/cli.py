@@ -1,0 +1,212 @@
+"""The ``sparsec`` command line.
+
+    sparsec passes | recipes
+    sparsec calibrate --model smollm2-135m --recipe teal-40 --out smollm2.sparsec
+    sparsec report smollm2.sparsec [--json] [--plot sparsity.png]
+    sparsec eval --model smollm2-135m --recipe teal-40 [--plan FILE] [--windows N] [--json]
+    sparsec demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+
+__all__ = ["main"]
+
+
+def _setup() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _first_line(obj) -> str:
+    doc = (getattr(obj, "__doc__", None) or "").strip()
+    if not doc and hasattr(obj, "__class__"):
+        doc = (type(obj).__doc__ or "").strip()
+    return doc.splitlines()[0] if doc else ""
+
+
+def cmd_passes(a) -> int:
+    from .plugins import get_registry
+
+    reg = get_registry()
+    rows = [(n, reg.pass_plugin[n], ", ".join(getattr(p, "after", ()) or ()) or "-",
+             ", ".join(getattr(p, "before", ()) or ()) or "-", _first_line(sys.modules[type(p).__module__]))
+            for n, p in sorted(reg.passes.items())]
+    _table(["pass", "plugin", "after", "before", "what it rewrites"], rows)
+    return 0
+
+
+def cmd_recipes(a) -> int:
+    from .plugins import get_registry
+
+    reg = get_registry()
+    _table(["recipe", "plugin", "description"], [(r.name, r.plugin, r.description) for r in sorted(reg.recipes.values(), key=lambda r: r.name)])
+    return 0
+
+
+def _table(header, rows) -> None:
+    rows = [tuple(str(c) for c in r) for r in rows]
+    w = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    print("  ".join(h.ljust(w[i]) for i, h in enumerate(header)))
+    print("  ".join("-" * x for x in w))
+    for r in rows:
+        print("  ".join(c.ljust(w[i]) for i, c in enumerate(r)))
+
+
+def _load(name: str):
+    from .models.llama import load_model
+
+    model, tok = load_model(name)
+    if tok is None:
+        raise SystemExit(f"sparsec: error: model {name!r} has no tokenizer; evaluation needs one")
+    return model, tok
+
+
+def cmd_calibrate(a) -> int:
+    import sparsec
+    from .models.data import calibration_windows
+
+    model, tok = _load(a.model)
+    batches = calibration_windows(tok, a.windows, a.length, batch=a.batch)
+    plan = sparsec.calibrate(model, batches, a.recipe)
+    plan.save(a.out)
+    print(sparsec.report(plan))
+    print(f"plan saved to {a.out}")
+    return 0
+
+
+def cmd_report(a) -> int:
+    import sparsec
+
+    rep = sparsec.report(sparsec.Plan.load(a.plan))
+    print(rep.to_json() if a.json else rep)
+    if a.plot:
+        print(f"plot written to {rep.plot(a.plot)}", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(a) -> int:
+    import sparsec
+    from .evaluate import evaluate_recipe
+
+    model, tok = _load(a.model)
+    plan = sparsec.Plan.load(a.plan) if a.plan else None
+    res = evaluate_recipe(model, tok, a.recipe, plan=plan, windows=a.windows, window_length=a.length, progress=not a.json)
+    if a.json:
+        print(json.dumps({"model": a.model, **res.to_dict()}))
+    else:
+        print(f"model {a.model}, recipe {res.recipe}: {res.windows} evaluation windows of {res.window_length} tokens")
+        print(f"  dense  perplexity {res.dense_ppl:8.3f}")
+        print(f"  sparse perplexity {res.sparse_ppl:8.3f}  ({res.delta:+.1%})")
+    return 0
+
+
+def cmd_demo(a) -> int:
+    import torch
+
+    import sparsec
+    from .evaluate import perplexity
+    from .models.data import calibration_windows, evaluation_windows
+    from .models.llama import smollm2
+
+    torch.manual_seed(0)
+    t0 = time.time()
+    print("== sparsec demo: SmolLM2-135M, TEAL 40% with greedy allocation ==", flush=True)
+    model, tok = smollm2()
+    print(f"[{time.time() - t0:5.0f}s] model loaded ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)", flush=True)
+
+    plan = sparsec.calibrate(model, calibration_windows(tok, 16, 128, batch=4), "teal-40")
+    plan.save(a.plan_out)
+    print(f"[{time.time() - t0:5.0f}s] calibrated; plan saved to {a.plan_out}", flush=True)
+
+    # dynamic=True: one compile serves the evaluation windows and every generation length
+    compiled = torch.compile(model, backend="sparsec", options={"plan": plan}, dynamic=True)
+    ev = evaluation_windows(tok, a.windows, a.length)
+    with torch.inference_mode():
+        dense_ppl = perplexity(model, ev, progress=True, desc="dense perplexity")
+        sparse_ppl = perplexity(compiled, ev, progress=True, desc="sparsec perplexity (compiles first)")
+    print(f"[{time.time() - t0:5.0f}s] compiled with backend='sparsec' and evaluated\n", flush=True)
+    print(sparsec.report(compiled))
+    if a.plot:
+        sparsec.report(compiled).plot(a.plot)
+        print(f"per-site sparsity plot: {a.plot}")
+    print(f"\nperplexity on {len(ev)} evaluation windows of {a.length} tokens (pydoc text, second half):")
+    print(f"  dense   {dense_ppl:8.3f}")
+    print(f"  sparsec {sparse_ppl:8.3f}  ({sparse_ppl / dense_ppl - 1:+.1%})\n")
+
+    prompt = "The capital of France is"
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    for label, fn in (("dense  ", model), ("sparsec", compiled)):
+        out = ids
+        with torch.inference_mode():
+            for _ in range(a.tokens):
+                nxt = fn(out).logits[:, -1].argmax(-1, keepdim=True)
+                out = torch.cat([out, nxt], 1)
+        print(f"{label}: {tok.decode(out[0])!r}")
+    print(f"\ndone in {time.time() - t0:.0f}s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="sparsec", description="sparsec: a plugin-based sparsity compiler for PyTorch")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("passes", help="list the registered passes").set_defaults(fn=cmd_passes)
+    sub.add_parser("recipes", help="list the named recipes").set_defaults(fn=cmd_recipes)
+
+    p = sub.add_parser("calibrate", help="calibrate a plan on the calibration windows")
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, tiny-llama, or a local HF folder")
+    p.add_argument("--recipe", default="teal-40")
+    p.add_argument("--out", required=True, help="plan folder to write")
+    p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--length", type=int, default=128)
+    p.add_argument("--batch", type=int, default=4)
+    p.set_defaults(fn=cmd_calibrate)
+
+    p = sub.add_parser("report", help="print what a plan rewrites")
+    p.add_argument("plan")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--plot", default=None, help="also write a PNG of per-site sparsity")
+    p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("eval", help="perplexity of the dense and the sparse model")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--recipe", default="teal-40")
+    p.add_argument("--plan", default=None)
+    p.add_argument("--windows", type=int, default=8)
+    p.add_argument("--length", type=int, default=512)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("demo", help="SmolLM2 with TEAL 40%: calibrate, compile, report, perplexity, generate")
+    p.add_argument("--windows", type=int, default=4)
+    p.add_argument("--length", type=int, default=512)
+    p.add_argument("--tokens", type=int, default=12)
+    p.add_argument("--plan-out", default=os.path.join(os.path.expanduser("~"), ".cache", "sparsec", "demo-teal-40.sparsec"))
+    p.add_argument("--plot", default="sparsec-demo-sparsity.png")
+    p.set_defaults(fn=cmd_demo)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import SparsecError
+
+    _setup()
+    a = build_parser().parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            return a.fn(a) or 0
+    except (SparsecError, ValueError, FileNotFoundError) as exc:
+        print(f"sparsec: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
