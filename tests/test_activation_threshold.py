@@ -155,19 +155,25 @@ def test_threshold_reference_edges():
 
 
 @pytest.mark.parametrize("p", [0.1, 0.4, 0.5, 0.9])
-def test_histogram_threshold_hits_target(p):
+@pytest.mark.parametrize("mean", [0.0, 0.3])
+def test_histogram_threshold_hits_target(p, mean):
     g = torch.Generator().manual_seed(0)
     h = Histogram(signed=True)
     for _ in range(4):
-        h.update(torch.randn(50_000, generator=g) * 3 + 0.05)
+        h.update(torch.randn(50_000, generator=g) * 3 + mean)
     t = h.threshold(p)
-    exact = torch.distributions.Normal(0.05, 3.0)
+    exact = torch.distributions.Normal(mean, 3.0)
     true_sparsity = float(exact.cdf(torch.tensor(t)) - exact.cdf(torch.tensor(-t)))
-    assert abs(true_sparsity - p) < 0.01
-    assert abs(h.measured_sparsity(t) - p) < 0.01
+    # what is reported as measured is what the mask really drops, whatever the distribution
+    assert abs(h.measured_sparsity(t) - true_sparsity) < 0.005
+    if mean == 0.0:
+        # TEAL's t = F^-1(0.5 + p/2) is exact for zero-mean activations (its assumption);
+        # with a shifted mean it overshoots, which the measured column of the report shows
+        assert abs(true_sparsity - p) < 0.005
     a = Histogram(signed=False)
-    a.update(torch.randn(100_000, generator=g))
-    assert abs(float((torch.randn(100_000, generator=g).abs() <= a.threshold(p)).float().mean()) - p) < 0.01
+    a.update(torch.randn(100_000, generator=g) + mean)
+    fresh = torch.randn(100_000, generator=g) + mean
+    assert abs(float((fresh.abs() <= a.threshold(p)).float().mean()) - p) < 0.01  # CATS: |a| quantile
 
 
 def test_greedy_allocation_meets_target_and_differs_from_uniform(tiny, tiny_batches, tiny_plan):
