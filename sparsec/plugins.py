@@ -93,7 +93,7 @@ def _call_each(pm: pluggy.PluginManager, hook_name: str, make_register: Callable
     could not say which plugin registered what; a per-plugin callback can (llm does the same).
     """
     hook = getattr(pm.hook, hook_name)
-    for impl in reversed(hook.get_hookimpls()):  # registration order
+    for impl in hook.get_hookimpls():  # registration order: built-ins first
         plugin_name = pm.get_name(impl.plugin) or repr(impl.plugin)
         _trace(f"{hook_name}() -> {plugin_name}")
         register = make_register(plugin_name)

@@ -38,7 +38,7 @@ class Recipe:
         return {
             "name": self.name,
             "description": self.description,
-            "passes": {k: dataclasses.asdict(v) for k, v in self.passes.items()},
+            "passes": {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else dict(v) for k, v in self.passes.items()},
         }
 
 

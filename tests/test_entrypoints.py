@@ -1,0 +1,128 @@
+"""Both entry points (torch.compile and sparsec.export), compile without import, dense
+fallbacks, dynamic shapes, and that compiling never touches the user's model."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+import sparsec
+from tests.conftest import state_hash
+from tests.test_activation_threshold import masked_dense
+
+
+def test_compile_with_plan_inductor_close_to_reference(tiny, tiny_plan):
+    ids = torch.randint(0, 256, (2, 19))
+    with torch.no_grad():
+        out = torch.compile(tiny, backend="sparsec", options={"plan": tiny_plan})(ids).logits
+    ref = masked_dense(tiny, tiny_plan, ids)
+    # Inductor fuses the RMSNorm before each thresholded linear; an activation within an ulp
+    # of its threshold can land on the other side, so a few logits move. Budget: the median
+    # error stays at fp32 rounding and the worst case is far below the sparsity effect itself.
+    err = (out - ref).abs()
+    assert float(err.median()) < 1e-4
+    assert float(err.max()) < 0.1 * float((ref - tiny(ids).logits).abs().max())
+
+
+def test_export_matches_compile_and_reference(tiny, tiny_plan):
+    ids = torch.randint(0, 256, (2, 13))
+    ep = sparsec.export(tiny, (ids,), plan=tiny_plan)
+    assert isinstance(ep, torch.export.ExportedProgram)
+    targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert sum("sparsec.threshold_linear" in t for t in targets) == sum(e["sparsity"] > 0 for e in tiny_plan.sites.values())
+    with torch.no_grad():
+        out = ep.module()(ids).logits
+    torch.testing.assert_close(out, masked_dense(tiny, tiny_plan, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_export_cats_and_dynamic_sequence(tiny, tiny_batches):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = sparsec.calibrate(tiny, tiny_batches, "cats-50", progress=False)
+    ids = torch.randint(0, 256, (2, 16))
+    seq = torch.export.Dim("seq", min=2, max=64)
+    ep = sparsec.export(tiny, (ids,), plan=plan, dynamic_shapes=({1: seq},))
+    assert sum("sparsec.cats_mlp" in str(n.target) for n in ep.graph.nodes) == 2
+    for n in (5, 31):
+        x = torch.randint(0, 256, (2, n))
+        with torch.no_grad():
+            torch.testing.assert_close(ep.module()(x).logits, masked_dense(tiny, plan, x), atol=1e-5, rtol=1e-5)
+
+
+def test_compile_dynamic_shapes_recompile(tiny, tiny_plan):
+    compiled = torch.compile(tiny, backend="sparsec", options={"plan": tiny_plan, "dense_backend": "eager"})
+    with torch.no_grad():
+        for n in (8, 11, 23):  # the second new length makes dynamo go symbolic
+            x = torch.randint(0, 256, (1, n))
+            torch.testing.assert_close(compiled(x).logits, masked_dense(tiny, tiny_plan, x), atol=1e-5, rtol=1e-5)
+
+
+def test_fullgraph_tiny_llama(tiny, tiny_plan):
+    compiled = torch.compile(tiny, backend="sparsec", options={"plan": tiny_plan}, fullgraph=True)
+    with torch.no_grad():
+        compiled(torch.randint(0, 256, (1, 7)))
+    assert sparsec.counters["activation_threshold"]["runs"] == 1
+
+
+def test_compile_does_not_touch_model(tiny, tiny_batches):
+    before = state_hash(tiny)
+    params_before = {n: p for n, p in tiny.named_parameters()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = sparsec.calibrate(tiny, tiny_batches, "teal-50", progress=False)
+        with torch.no_grad():
+            torch.compile(tiny, backend="sparsec", options={"plan": plan})(tiny_batches[0])
+            sparsec.export(tiny, (tiny_batches[0],), plan=plan).module()(tiny_batches[0])
+    assert state_hash(tiny) == before
+    assert all(p is params_before[n] for n, p in tiny.named_parameters())
+    assert not tiny._forward_pre_hooks and all(not m._forward_pre_hooks and not m._forward_hooks for m in tiny.modules())
+
+
+def test_fresh_process_compiles_without_import_sparsec(tmp_path):
+    code = textwrap.dedent("""
+        import sys, torch
+        m = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.SiLU(), torch.nn.Linear(32, 8)).eval()
+        x = torch.randn(4, 16)
+        with torch.no_grad():
+            out = torch.compile(m, backend="sparsec", options={"recipe": "teal-50"})(x)
+        assert "sparsec" in sys.modules  # loaded by torch through the entry point
+        import sparsec
+        print("rewritten", sparsec.counters["activation_threshold"]["sites_rewritten"], tuple(out.shape))
+    """)
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "rewritten 2 (4, 8)" in res.stdout
+
+
+def test_grad_graph_compiles_densely_with_notice():
+    m = torch.nn.Linear(8, 8)
+    x = torch.randn(3, 8)
+    with pytest.warns(sparsec.SparsecNotice, match="needs gradients"):
+        out = torch.compile(m, backend="sparsec", options={"recipe": "teal-50"})(x)
+    out.sum().backward()  # a real training graph: gradients flow
+    assert m.weight.grad is not None
+    torch.testing.assert_close(out, m(x))
+    assert sparsec.counters["activation_threshold"]["runs"] == 0
+
+
+def test_unmatched_graph_compiles_densely_with_notice():
+    m = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Softmax(-1))
+    x = torch.randn(3, 8)
+    with pytest.warns(sparsec.SparsecNotice, match="no pass matched"), torch.no_grad():
+        out = torch.compile(m, backend="sparsec", options={"recipe": "teal-50"})(x)
+    torch.testing.assert_close(out, m(x))
+
+
+def test_debug_dumps(tmp_path, monkeypatch, tiny, tiny_plan):
+    monkeypatch.setenv("SPARSEC_DEBUG", str(tmp_path))
+    with torch.no_grad():
+        torch.compile(tiny, backend="sparsec", options={"plan": tiny_plan, "dense_backend": "eager"})(torch.randint(0, 256, (1, 5)))
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert any(f.endswith("activation_threshold_before.txt") for f in files)
+    after = next(tmp_path.glob("*activation_threshold_after.txt")).read_text()
+    assert "sparsec.threshold_linear" in after
