@@ -1,9 +1,23 @@
 """Activation-sparsity ops: thresholded linear (TEAL) and the CATS gated MLP.
 
 Each op is a ``torch.library.custom_op`` so that Inductor and ``torch.export`` treat it as
-one opaque node, with a plain-torch ``*_reference`` beside it. The reference *is* the CPU
-implementation for now: it gives exactly the masked-dense result that the fast C++ and
-Triton kernels (a later issue) are tested against.
+one opaque node, with a plain-torch ``*_reference`` beside it that gives exactly the
+masked-dense result the kernels are tested against.
+
+Two families:
+
+- ``sparsec::threshold_linear`` / ``sparsec::cats_mlp`` take the model's weights as they are.
+  The passes emit them; ``sparsec.export`` keeps them (the program's signature stays the
+  model's own). On CPU they run the C++ kernel on a transposed copy of the weight made on
+  first use and refreshed when the weight changes (its version counter).
+- ``sparsec::sparse_linear`` / ``sparsec::sparse_cats_mlp`` take *prepared* weights: the
+  transposed weight (``[in, out]``, one contiguous row per input channel) made once at
+  compile time by ``sparsec.codegen``. CPU tensors run the C++ kernels (``kernels/cpu.py``),
+  CUDA tensors the generated Triton kernels (``kernels/triton_gen.py``).
+
+Kernels are used for at most ``MAX_KERNEL_ROWS`` rows (tokens); beyond that the union of the
+rows' active channels is nearly everything and a dense GEMM on the thresholded input wins
+(prefill), so the ops call it instead.
 """
 
 from __future__ import annotations
@@ -11,8 +25,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import cpu
+
+#: tokens per call up to which the sparse kernels run (the issue's decode range, batch 1-16)
+MAX_KERNEL_ROWS = 16
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
 __all__ = [
+    "MAX_KERNEL_ROWS",
     "threshold_reference",
+    "sparse_linear_reference",
+    "sparse_cats_mlp_reference",
     "threshold_linear_reference",
     "cats_mlp_reference",
     "ACTIVATIONS",
@@ -34,7 +57,9 @@ def threshold_reference(x: torch.Tensor, threshold: float) -> torch.Tensor:
     for dropped entries, and a NaN input must stay NaN (``|NaN| > t`` is false, so ``where``
     would drop it: we keep NaN explicitly so bad inputs are never hidden).
     """
-    keep = (x.abs() > threshold) | torch.isnan(x)
+    # compare in fp32: a bf16 comparison would round the threshold itself to bf16
+    xa = x.abs() if x.dtype in (torch.float32, torch.float64) else x.abs().float()
+    keep = (xa > threshold) | torch.isnan(x)
     return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
@@ -62,6 +87,71 @@ def cats_mlp_reference(
     return F.linear(h, down_weight, down_bias)
 
 
+def sparse_linear_reference(
+    x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, threshold: float
+) -> torch.Tensor:
+    """``threshold_linear`` with the prepared weight ``weight_t = W^T``."""
+    return F.linear(threshold_reference(x, threshold), weight_t.t(), bias)
+
+
+def sparse_cats_mlp_reference(
+    x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation
+) -> torch.Tensor:
+    """``cats_mlp`` with the prepared down weight ``down_weight_t = W_down^T``."""
+    return cats_mlp_reference(
+        x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t.t(), down_bias, threshold, activation
+    )
+
+
+# ---- CPU dispatch -----------------------------------------------------------------------------
+
+
+def _cpu_kernel_ok(x: torch.Tensor, *ws: torch.Tensor | None) -> bool:
+    rows = x.numel() // max(x.shape[-1], 1)
+    return (
+        x.device.type == "cpu"
+        and x.dtype in _KERNEL_DTYPES
+        and 0 < rows <= MAX_KERNEL_ROWS
+        and all(w is None or (w.dtype == x.dtype and w.device.type == "cpu") for w in ws)
+        and cpu.extension() is not None
+    )
+
+
+def _sparse_linear_cpu(x, weight_t, bias, threshold):
+    if not _cpu_kernel_ok(x, weight_t, bias):
+        return sparse_linear_reference(x, weight_t, bias, threshold)
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    y = cpu.extension().sparse_linear(x2, weight_t.contiguous(), None if bias is None else bias.contiguous(), threshold)
+    return y.reshape(*x.shape[:-1], weight_t.shape[1])
+
+
+def _cats_cpu(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation):
+    if not _cpu_kernel_ok(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias):
+        return sparse_cats_mlp_reference(
+            x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation
+        )
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    # the gate is dense (CATS decides sparsity from it); MKL is as good as anything here
+    a = ACTIVATIONS[activation](F.linear(x2, gate_weight, gate_bias)).contiguous()
+    c = lambda t: None if t is None else t.contiguous()  # noqa: E731
+    y = cpu.extension().cats_mlp(x2, a, up_weight.contiguous(), c(up_bias), down_weight_t.contiguous(), c(down_bias), threshold)
+    return y.reshape(*x.shape[:-1], down_weight_t.shape[1])
+
+
+#: weight -> (version, data_ptr, W^T): the transposed copies the unprepared ops use on CPU
+_TRANSPOSED = torch.utils.weak.WeakIdKeyDictionary()
+
+
+def transposed(w: torch.Tensor) -> torch.Tensor:
+    """``w.t().contiguous()``, made once per weight and remade when the weight changes."""
+    hit = _TRANSPOSED.get(w)
+    if hit is not None and hit[0] == w._version and hit[1] == w.data_ptr():
+        return hit[2]
+    wt = w.detach().t().contiguous()
+    _TRANSPOSED[w] = (w._version, w.data_ptr(), wt)
+    return wt
+
+
 # ---- the ops --------------------------------------------------------------------------------
 # mutates_args=() and a fresh output: the ops are pure, so Inductor may reorder or CSE them.
 
@@ -70,6 +160,8 @@ def cats_mlp_reference(
 def threshold_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, threshold: float
 ) -> torch.Tensor:
+    if _cpu_kernel_ok(x, weight, bias):
+        return _sparse_linear_cpu(x, transposed(weight), bias, threshold)
     return threshold_linear_reference(x, weight, bias, threshold)
 
 
@@ -92,6 +184,10 @@ def cats_mlp(
 ) -> torch.Tensor:
     if activation not in ACTIVATIONS:
         raise ValueError(f"sparsec::cats_mlp: unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}")
+    if _cpu_kernel_ok(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias):
+        return _cats_cpu(
+            x, gate_weight, gate_bias, up_weight, up_bias, transposed(down_weight), down_bias, threshold, activation
+        )
     return cats_mlp_reference(
         x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias, threshold, activation
     )
@@ -100,3 +196,82 @@ def cats_mlp(
 @cats_mlp.register_fake
 def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias, threshold, activation):
     return x.new_empty((*x.shape[:-1], down_weight.shape[0]))
+
+
+@torch.library.custom_op("sparsec::sparse_linear", mutates_args=())
+def sparse_linear(
+    x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, threshold: float
+) -> torch.Tensor:
+    """``W s_t(x) + b`` with the prepared weight ``weight_t = W^T`` (``[in, out]``)."""
+    if x.device.type == "cpu":
+        return _sparse_linear_cpu(x, weight_t, bias, threshold)
+    return sparse_linear_reference(x, weight_t, bias, threshold)
+
+
+@sparse_linear.register_fake
+def _(x, weight_t, bias, threshold):
+    return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
+
+
+@torch.library.custom_op("sparsec::sparse_cats_mlp", mutates_args=())
+def sparse_cats_mlp(
+    x: torch.Tensor,
+    gate_weight: torch.Tensor,
+    gate_bias: torch.Tensor | None,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor | None,
+    down_weight_t: torch.Tensor,
+    down_bias: torch.Tensor | None,
+    threshold: float,
+    activation: str,
+) -> torch.Tensor:
+    """CATS with the prepared down weight ``down_weight_t = W_down^T`` (``[inter, hidden]``)."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"sparsec::sparse_cats_mlp: unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}")
+    if x.device.type == "cpu":
+        return _cats_cpu(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation)
+    return sparse_cats_mlp_reference(
+        x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation
+    )
+
+
+@sparse_cats_mlp.register_fake
+def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation):
+    return x.new_empty((*x.shape[:-1], down_weight_t.shape[1]))
+
+
+# ---- CUDA: generated Triton kernels -------------------------------------------------------------
+# register_kernel("cuda") rather than triton_op: on a machine without a GPU driver Inductor
+# must never trace a Triton body (shared/ALGORITHMS.md, "verified here").
+
+
+@sparse_linear.register_kernel("cuda")
+def _(x, weight_t, bias, threshold):
+    from . import triton_gen
+
+    return triton_gen.sparse_linear_cuda(x, weight_t, bias, threshold)
+
+
+@sparse_cats_mlp.register_kernel("cuda")
+def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation):
+    from . import triton_gen
+
+    return triton_gen.sparse_cats_mlp_cuda(
+        x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation
+    )
+
+
+@threshold_linear.register_kernel("cuda")
+def _(x, weight, bias, threshold):
+    from . import triton_gen
+
+    return triton_gen.sparse_linear_cuda(x, transposed(weight), bias, threshold)
+
+
+@cats_mlp.register_kernel("cuda")
+def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias, threshold, activation):
+    from . import triton_gen
+
+    return triton_gen.sparse_cats_mlp_cuda(
+        x, gate_weight, gate_bias, up_weight, up_bias, transposed(down_weight), down_bias, threshold, activation
+    )

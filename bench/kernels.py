@@ -1,0 +1,115 @@
+"""Activation-sparse linear (sparsec's C++ kernel) vs ``F.linear``, cold weights.
+
+    python bench/kernels.py [--threads 1] [--reps 25] [--quick] [--json out.json]
+
+For each weight shape (out x in), dtype, batch and sparsity s: x ~ N(0, 1), the threshold is
+the s-quantile of |x| (each row is s sparse; rows of a batch have independent masks, so a
+batch reads the *union* of its rows' active channels). Both variants cycle through weight
+copies totalling > 600 MiB so every call streams its weight from DRAM (the L3 is 300 MiB),
+and run interleaved (dense, sparse, dense, sparse, ...) in one process; medians are quoted.
+
+Columns: ``speedup`` = median F.linear time / median sparse time; ``ideal`` = 1 / (1 - s_read)
+where s_read is the fraction of weight rows the kernel skips (= s at batch 1); ``% ideal``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from sparsec.kernels import activation, cpu
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+BATCHES = [1, 4, 16]
+SPARSITIES = [0.0, 0.5, 0.7, 0.9]
+COLD_BYTES = 640 << 20
+
+
+def copies(w: torch.Tensor, transpose: bool) -> list[torch.Tensor]:
+    n = max(2, -(-COLD_BYTES // (w.numel() * w.element_size())))
+    src = w.t().contiguous() if transpose else w
+    out = []
+    for _ in range(n):
+        c = torch.empty_like(src)
+        c.copy_(src)  # distinct storage per copy
+        out.append(c)
+    return out
+
+
+def bench_cell(ext, ws, wts, x, t, reps):
+    dense, sparse = [], []
+    i = 0
+    for r in range(reps + 2):  # two warm-up rounds
+        for which in (0, 1):
+            i += 1
+            if which == 0:
+                w = ws[i % len(ws)]
+                t0 = time.perf_counter()
+                F.linear(x, w)
+                dt = time.perf_counter() - t0
+            else:
+                wt = wts[i % len(wts)]
+                t0 = time.perf_counter()
+                ext.sparse_linear(x, wt, None, t)
+                dt = time.perf_counter() - t0
+            if r >= 2:
+                (dense if which == 0 else sparse).append(dt)
+    return statistics.median(dense), statistics.median(sparse)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=25)
+    ap.add_argument("--quick", action="store_true", help="first shape, batch 1 only")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    ext = cpu.extension()
+    info = cpu.build_info()
+    print(f"# sparsec C++ kernels: {info}; threads={a.threads}; reps={a.reps}; torch {torch.__version__}")
+    shapes = SHAPES[:1] if a.quick else SHAPES
+    batches = [1] if a.quick else BATCHES
+    rows = []
+    print(f"{'shape (out x in)':>18} {'dtype':>5} {'batch':>5} {'s':>4} {'s_read':>6} {'dense ms':>9} "
+          f"{'sparse ms':>9} {'speedup':>8} {'ideal':>6} {'% ideal':>7} {'dense GB/s':>10}")
+    g = torch.Generator().manual_seed(0)
+    for (n_out, k_in) in shapes:
+        for dname, dtype in DTYPES.items():
+            w = (torch.randn(n_out, k_in, generator=g) / k_in**0.5).to(dtype)
+            ws, wts = copies(w, False), copies(w, True)
+            for b in batches:
+                x = torch.randn(b, k_in, generator=g).to(dtype)
+                for s in SPARSITIES:
+                    t = float(torch.quantile(x.float().abs().flatten()[:1 << 24], s)) if s > 0 else -1.0
+                    # exactness check on this cell before timing it
+                    ref = activation.sparse_linear_reference(x, wts[0], None, t)
+                    got = ext.sparse_linear(x, wts[0], None, t)
+                    tol = 1e-3 if dtype == torch.float32 else 3e-2
+                    assert torch.allclose(got.float(), ref.float(), atol=tol, rtol=tol), (n_out, k_in, dname, b, s)
+                    act = ~(x.float().abs() <= t)
+                    s_read = 1.0 - act.any(0).float().mean().item()
+                    d, sp = bench_cell(ext, ws, wts, x, t, a.reps)
+                    speed = d / sp
+                    ideal = 1.0 / (1.0 - s_read)
+                    gbs = w.numel() * w.element_size() / d / 1e9
+                    rows.append(dict(shape=f"{n_out}x{k_in}", dtype=dname, batch=b, s=s, s_read=round(s_read, 4),
+                                     dense_ms=d * 1e3, sparse_ms=sp * 1e3, speedup=speed, ideal=ideal,
+                                     pct_ideal=100 * speed / ideal, dense_gbs=gbs))
+                    print(f"{n_out:>8}x{k_in:<9} {dname:>5} {b:>5} {s:>4.1f} {s_read:>6.3f} {d * 1e3:>9.3f} "
+                          f"{sp * 1e3:>9.3f} {speed:>7.2f}x {ideal:>5.2f}x {100 * speed / ideal:>6.0f}% {gbs:>10.1f}",
+                          flush=True)
+            del ws, wts
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"build": info, "threads": a.threads, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,309 @@
+// Activation-sparse CPU kernels for sparsec (built by kernels/cpu.py with torch cpp_extension).
+//
+//   sparse_linear(x[B,K], Wt[K,N], bias?, t)   y = s_t(x) Wt + b, s_t(x) = x * 1[!(|x| <= t)]
+//   cats_mlp(x[B,H], a[B,I], Wup[I,H], bup?, Wdt[I,H], bdown?, t)
+//        h = CATS_t(a) * (Wup x + bup);  y = h Wdt + bdown
+//
+// Why this layout: the weight is stored transposed once (Wt = W^T, [K, N] row-major), so
+// each *active input channel* is one contiguous row. A token reads only the rows of its
+// active channels, streamed sequentially; batches read the union of their active rows once.
+// "!(|x| <= t)" rather than "|x| > t": NaN inputs stay active and propagate, as in the
+// reference (a dropped NaN would hide bad input).
+//
+// ISA: chosen at build time by the flags kernels/cpu.py passes (-mavx512f/bw/vl, or -mavx2
+// -mfma, or nothing); the same source compiles to each. Accumulation is always fp32.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define SPARSEC_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define SPARSEC_AVX2 1
+#endif
+
+namespace {
+
+const char* isa_name() {
+#if defined(SPARSEC_AVX512)
+  return "avx512";
+#elif defined(SPARSEC_AVX2)
+  return "avx2";
+#else
+  return "portable";
+#endif
+}
+
+inline float to_f(float v) { return v; }
+inline float to_f(c10::BFloat16 v) { return static_cast<float>(v); }
+
+// Tuning (1 thread, cold weights, 4096x4096 / 4096x11008, speedup over F.linear; measured
+// with accumulator tiles of 2048 / 8192 / 16384 floats, with and without prefetch):
+//   fp32 b=1 s=0.9: 7.1 / 7.9 / 7.8x without prefetch, 8.4 / 8.5 / 8.5x with it
+//   fp32 b=4 s=0.5: 1.13 / 1.47 / 1.51x without, 1.28 / 1.55 / 1.59x with
+// so: one tile spans up to 16384 accumulator floats (64 KiB, all batch rows together; at
+// batch 1 a whole output row of up to 16384 columns, so each weight row is one sequential
+// stream), and the next group of rows is prefetched while the current one is summed.
+#ifndef SPARSEC_ACC_FLOATS
+#define SPARSEC_ACC_FLOATS 16384
+#endif
+#ifndef SPARSEC_PREFETCH
+#define SPARSEC_PREFETCH 1
+#endif
+// accumulator floats per tile (all batch rows together): B * tile_n <= SPARSEC_ACC_FLOATS
+inline int64_t tile_n_for(int64_t B) {
+  int64_t t = (SPARSEC_ACC_FLOATS / B) & ~int64_t(15);
+  return t < 256 ? 256 : t;
+}
+constexpr int ROWS = 4;  // active rows fused per pass over the accumulator tile
+
+// ---- the inner loop: acc[b, 0:n] += sum_r c[r, b] * w_r[0:n] for ROWS rows ---------------
+
+#if defined(SPARSEC_AVX512)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+inline __m512 load16m(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16m(const c10::BFloat16* p, __mmask16 m) {
+  __m256i v = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+#elif defined(SPARSEC_AVX2)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::BFloat16* p) {
+  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+#endif
+
+template <typename T>
+inline void axpy_rows(float* acc, int64_t n, const T* const* w, const float* c, const T* const* next) {
+  // acc[0:n] += c0 w0 + c1 w1 + c2 w2 + c3 w3   (ROWS == 4; unused rows have c == 0)
+  // next: the following group's rows, prefetched in lockstep (nullptr: none)
+  int64_t j = 0;
+#if defined(SPARSEC_AVX512)
+  const __m512 c0 = _mm512_set1_ps(c[0]), c1 = _mm512_set1_ps(c[1]);
+  const __m512 c2 = _mm512_set1_ps(c[2]), c3 = _mm512_set1_ps(c[3]);
+  for (; j + 16 <= n; j += 16) {
+#if SPARSEC_PREFETCH
+    if (next && (j * sizeof(T)) % 64 == 0) {
+      _mm_prefetch(reinterpret_cast<const char*>(next[0] + j), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(next[1] + j), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(next[2] + j), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(next[3] + j), _MM_HINT_T0);
+    }
+#endif
+    __m512 a = _mm512_loadu_ps(acc + j);
+    a = _mm512_fmadd_ps(c0, load16(w[0] + j), a);
+    a = _mm512_fmadd_ps(c1, load16(w[1] + j), a);
+    a = _mm512_fmadd_ps(c2, load16(w[2] + j), a);
+    a = _mm512_fmadd_ps(c3, load16(w[3] + j), a);
+    _mm512_storeu_ps(acc + j, a);
+  }
+  if (j < n) {
+    const __mmask16 m = (__mmask16)((1u << (n - j)) - 1u);
+    __m512 a = _mm512_maskz_loadu_ps(m, acc + j);
+    a = _mm512_fmadd_ps(c0, load16m(w[0] + j, m), a);
+    a = _mm512_fmadd_ps(c1, load16m(w[1] + j, m), a);
+    a = _mm512_fmadd_ps(c2, load16m(w[2] + j, m), a);
+    a = _mm512_fmadd_ps(c3, load16m(w[3] + j, m), a);
+    _mm512_mask_storeu_ps(acc + j, m, a);
+    j = n;
+  }
+#elif defined(SPARSEC_AVX2)
+  const __m256 c0 = _mm256_set1_ps(c[0]), c1 = _mm256_set1_ps(c[1]);
+  const __m256 c2 = _mm256_set1_ps(c[2]), c3 = _mm256_set1_ps(c[3]);
+  for (; j + 8 <= n; j += 8) {
+    __m256 a = _mm256_loadu_ps(acc + j);
+    a = _mm256_fmadd_ps(c0, load8(w[0] + j), a);
+    a = _mm256_fmadd_ps(c1, load8(w[1] + j), a);
+    a = _mm256_fmadd_ps(c2, load8(w[2] + j), a);
+    a = _mm256_fmadd_ps(c3, load8(w[3] + j), a);
+    _mm256_storeu_ps(acc + j, a);
+  }
+#endif
+  for (; j < n; ++j)
+    acc[j] += c[0] * to_f(w[0][j]) + c[1] * to_f(w[1][j]) + c[2] * to_f(w[2][j]) + c[3] * to_f(w[3][j]);
+}
+
+template <typename T>
+inline float dot(const T* w, const float* x, int64_t n) {
+  int64_t j = 0;
+  float s = 0.f;
+#if defined(SPARSEC_AVX512)
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  for (; j + 32 <= n; j += 32) {
+    a0 = _mm512_fmadd_ps(load16(w + j), _mm512_loadu_ps(x + j), a0);
+    a1 = _mm512_fmadd_ps(load16(w + j + 16), _mm512_loadu_ps(x + j + 16), a1);
+  }
+  for (; j + 16 <= n; j += 16) a0 = _mm512_fmadd_ps(load16(w + j), _mm512_loadu_ps(x + j), a0);
+  if (j < n) {
+    const __mmask16 m = (__mmask16)((1u << (n - j)) - 1u);
+    a1 = _mm512_fmadd_ps(load16m(w + j, m), _mm512_maskz_loadu_ps(m, x + j), a1);
+    j = n;
+  }
+  s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#elif defined(SPARSEC_AVX2)
+  __m256 a0 = _mm256_setzero_ps();
+  for (; j + 8 <= n; j += 8) a0 = _mm256_fmadd_ps(load8(w + j), _mm256_loadu_ps(x + j), a0);
+  alignas(32) float t[8];
+  _mm256_store_ps(t, a0);
+  for (int i = 0; i < 8; ++i) s += t[i];
+#endif
+  for (; j < n; ++j) s += to_f(w[j]) * x[j];
+  return s;
+}
+
+// y[b, :] = bias + sum_i coef[i, b] * Wt[rows[i], :], over the active rows, in N tiles.
+template <typename T>
+void accumulate_rows(const T* wt, int64_t N, const std::vector<int64_t>& rows, const std::vector<float>& coef,
+                     int64_t B, const T* bias, T* y) {
+  const int64_t nact = static_cast<int64_t>(rows.size());
+  const int64_t TILE_N = tile_n_for(B);
+  const int64_t ntiles = (N + TILE_N - 1) / TILE_N;
+  at::parallel_for(0, ntiles, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> acc(static_cast<size_t>(B * TILE_N));
+    std::vector<T> zero_row(TILE_N, T(0));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * TILE_N, n = std::min(TILE_N, N - n0);
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t j = 0; j < n; ++j) acc[b * TILE_N + j] = bias ? to_f(bias[n0 + j]) : 0.f;
+      for (int64_t i = 0; i < nact; i += ROWS) {
+        const T* w[ROWS];
+        const T* nx[ROWS];
+        for (int r = 0; r < ROWS; ++r) {
+          w[r] = (i + r < nact) ? wt + rows[i + r] * N + n0 : zero_row.data();
+          nx[r] = (i + ROWS + r < nact) ? wt + rows[i + ROWS + r] * N + n0 : zero_row.data();
+        }
+        bool first = true;
+        for (int64_t b = 0; b < B; ++b) {
+          float c[ROWS];
+          for (int r = 0; r < ROWS; ++r) c[r] = (i + r < nact) ? coef[(i + r) * B + b] : 0.f;
+          if (c[0] == 0.f && c[1] == 0.f && c[2] == 0.f && c[3] == 0.f) continue;  // row b inactive here
+          axpy_rows(acc.data() + b * TILE_N, n, w, c, first ? nx : nullptr);
+          first = false;
+        }
+      }
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t j = 0; j < n; ++j) y[b * N + n0 + j] = static_cast<T>(acc[b * TILE_N + j]);
+    }
+  });
+}
+
+inline bool active(float v, float t) { return !(std::fabs(v) <= t); }
+
+template <typename T>
+void sparse_linear_impl(const T* x, int64_t B, int64_t K, const T* wt, int64_t N, const T* bias, float thr, T* y) {
+  std::vector<int64_t> rows;
+  std::vector<float> coef;
+  rows.reserve(K);
+  coef.reserve(K * B);
+  for (int64_t k = 0; k < K; ++k) {
+    bool any = false;
+    for (int64_t b = 0; b < B; ++b) any |= active(to_f(x[b * K + k]), thr);
+    if (!any) continue;
+    rows.push_back(k);
+    for (int64_t b = 0; b < B; ++b) {
+      const float v = to_f(x[b * K + k]);
+      coef.push_back(active(v, thr) ? v : 0.f);
+    }
+  }
+  accumulate_rows(wt, N, rows, coef, B, bias, y);
+}
+
+template <typename T>
+void cats_impl(const T* x, const T* a, int64_t B, int64_t H, int64_t I, const T* wup, const T* bup, const T* wdt,
+               const T* bdown, float thr, T* y) {
+  std::vector<int64_t> rows;
+  for (int64_t j = 0; j < I; ++j) {
+    bool any = false;
+    for (int64_t b = 0; b < B; ++b) any |= active(to_f(a[b * I + j]), thr);
+    if (any) rows.push_back(j);
+  }
+  const int64_t nact = static_cast<int64_t>(rows.size());
+  std::vector<float> xf(static_cast<size_t>(B * H));
+  for (int64_t i = 0; i < B * H; ++i) xf[i] = to_f(x[i]);
+  // h[i, b] = CATS_t(a[b, j]) * (Wup[j] . x[b] + bup[j]): reads only the active rows of Wup
+  std::vector<float> coef(static_cast<size_t>(nact * B));
+  at::parallel_for(0, nact, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t j = rows[i];
+      for (int64_t b = 0; b < B; ++b) {
+        const float av = to_f(a[b * I + j]);
+        if (!active(av, thr)) { coef[i * B + b] = 0.f; continue; }
+        float u = dot(wup + j * H, xf.data() + b * H, H) + (bup ? to_f(bup[j]) : 0.f);
+        // round the intermediate like the reference does (it materialises h in the dtype)
+        coef[i * B + b] = to_f(static_cast<T>(av * to_f(static_cast<T>(u))));
+      }
+    }
+  });
+  accumulate_rows(wdt, H, rows, coef, B, bdown, y);
+}
+
+void check2d(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2 && t.is_contiguous() && t.device().is_cpu(), "sparsec cpu kernel: ", name,
+              " must be a contiguous 2-D CPU tensor, got shape ", t.sizes(), " strides ", t.strides());
+}
+
+torch::Tensor sparse_linear(torch::Tensor x, torch::Tensor wt, c10::optional<torch::Tensor> bias, double thr) {
+  check2d(x, "x");
+  check2d(wt, "weight_t");
+  TORCH_CHECK(x.size(1) == wt.size(0), "sparsec sparse_linear: x has ", x.size(1), " features, weight_t has ",
+              wt.size(0), " rows");
+  TORCH_CHECK(x.scalar_type() == wt.scalar_type(), "sparsec sparse_linear: dtype mismatch");
+  const int64_t B = x.size(0), K = x.size(1), N = wt.size(1);
+  auto y = torch::empty({B, N}, x.options());
+  if (B == 0 || N == 0) return y;
+  if (x.scalar_type() == torch::kFloat) {
+    sparse_linear_impl<float>(x.data_ptr<float>(), B, K, wt.data_ptr<float>(), N,
+                              bias ? bias->data_ptr<float>() : nullptr, (float)thr, y.data_ptr<float>());
+  } else if (x.scalar_type() == torch::kBFloat16) {
+    using bf = c10::BFloat16;
+    sparse_linear_impl<bf>(x.data_ptr<bf>(), B, K, wt.data_ptr<bf>(), N, bias ? bias->data_ptr<bf>() : nullptr,
+                           (float)thr, y.data_ptr<bf>());
+  } else {
+    TORCH_CHECK(false, "sparsec sparse_linear: unsupported dtype ", x.scalar_type(), " (float32, bfloat16)");
+  }
+  return y;
+}
+
+torch::Tensor cats_mlp(torch::Tensor x, torch::Tensor a, torch::Tensor wup, c10::optional<torch::Tensor> bup,
+                       torch::Tensor wdt, c10::optional<torch::Tensor> bdown, double thr) {
+  check2d(x, "x");
+  check2d(a, "activation");
+  check2d(wup, "up_weight");
+  check2d(wdt, "down_weight_t");
+  const int64_t B = x.size(0), H = x.size(1), I = a.size(1);
+  TORCH_CHECK(wup.size(0) == I && wup.size(1) == H && wdt.size(0) == I, "sparsec cats_mlp: shape mismatch");
+  auto y = torch::empty({B, wdt.size(1)}, x.options());
+  if (B == 0) return y;
+  if (x.scalar_type() == torch::kFloat) {
+    cats_impl<float>(x.data_ptr<float>(), a.data_ptr<float>(), B, H, I, wup.data_ptr<float>(),
+                     bup ? bup->data_ptr<float>() : nullptr, wdt.data_ptr<float>(),
+                     bdown ? bdown->data_ptr<float>() : nullptr, (float)thr, y.data_ptr<float>());
+  } else if (x.scalar_type() == torch::kBFloat16) {
+    using bf = c10::BFloat16;
+    cats_impl<bf>(x.data_ptr<bf>(), a.data_ptr<bf>(), B, H, I, wup.data_ptr<bf>(), bup ? bup->data_ptr<bf>() : nullptr,
+                  wdt.data_ptr<bf>(), bdown ? bdown->data_ptr<bf>() : nullptr, (float)thr, y.data_ptr<bf>());
+  } else {
+    TORCH_CHECK(false, "sparsec cats_mlp: unsupported dtype ", x.scalar_type(), " (float32, bfloat16)");
+  }
+  return y;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("sparse_linear", &sparse_linear, "y = s_t(x) Wt + b, reading only active rows of Wt");
+  m.def("cats_mlp", &cats_mlp, "CATS MLP reading only active rows of Wup and of Wdown^T");
+  m.def("isa", &isa_name, "the instruction set this build was compiled for");
+}

@@ -1,0 +1,165 @@
+"""The C++ CPU kernels against their plain-torch references, and the kernel cache.
+
+Tolerances: fp32 1e-4 relative (the kernel sums the active rows in another order than the
+reference GEMM: a few ulps of the row sums); bf16 one to two bf16 ulps (2^-8 relative, both
+accumulate in fp32 and round once at the end, but the CATS intermediate rounds per element).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsec.kernels import activation as A
+from sparsec.kernels import cpu
+
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=1.6e-2)}
+
+
+@pytest.fixture(scope="module")
+def ext():
+    e = cpu.extension()
+    assert e is not None, "the C++ kernels must build on the CI machine"
+    return e
+
+
+def _close(got, ref, dtype, scale=1.0):
+    tol = TOL[dtype]
+    torch.testing.assert_close(got.float(), ref.float(), atol=tol["atol"] * scale, rtol=tol["rtol"], equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,k,n", [(1, 1000, 4099), (3, 1000, 4099), (16, 577, 131), (5, 17, 3)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.9])
+def test_sparse_linear_matches_reference(ext, dtype, batch, k, n, sparsity):
+    g = torch.Generator().manual_seed(batch * 7 + k)
+    x = torch.randn(batch, k, generator=g).to(dtype)
+    wt = (torch.randn(k, n, generator=g) / k**0.5).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype)
+    t = float(torch.quantile(x.float().abs().flatten(), sparsity)) if sparsity else -1.0
+    for bias in (None, b):
+        got = ext.sparse_linear(x, wt, bias, t)
+        ref = A.sparse_linear_reference(x, wt, bias, t)
+        assert got.dtype == dtype and got.shape == (batch, n)
+        _close(got, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_linear_edge_cases(ext, dtype):
+    x = torch.randn(3, 37).to(dtype)
+    wt = torch.randn(37, 29).to(dtype)
+    b = torch.randn(29).to(dtype)
+    # sparsity 1: nothing is read, the output is the bias exactly
+    assert torch.equal(ext.sparse_linear(x, wt, b, float("inf")), b.expand(3, 29))
+    assert torch.equal(ext.sparse_linear(x, wt, None, 1e30), torch.zeros(3, 29, dtype=dtype))
+    # sparsity 0 (t below every |x|): the dense product
+    _close(ext.sparse_linear(x, wt, b, -1.0), F.linear(x, wt.t(), b), dtype)
+    # NaN / inf inputs propagate exactly as in the reference
+    x[0, 3] = float("nan")
+    x[1, 5] = float("inf")
+    x[2, 7] = -float("inf")
+    got = ext.sparse_linear(x, wt, b, 0.5)
+    ref = A.sparse_linear_reference(x, wt, b, 0.5)
+    assert torch.equal(torch.isnan(got), torch.isnan(ref)) and torch.isnan(got[0]).all()
+    assert torch.equal(torch.isinf(got), torch.isinf(ref))
+    fin = torch.isfinite(ref)
+    _close(got[fin], ref[fin], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("batch", [1, 3, 16])
+def test_cats_mlp_matches_reference(ext, dtype, act, batch):
+    g = torch.Generator().manual_seed(batch)
+    h, i = 201, 577
+    x = torch.randn(batch, h, generator=g).to(dtype)
+    wg, wu = [(torch.randn(i, h, generator=g) / h**0.5).to(dtype) for _ in range(2)]
+    wd = (torch.randn(h, i, generator=g) / i**0.5).to(dtype)
+    bu, bd = torch.randn(i, generator=g).to(dtype), torch.randn(h, generator=g).to(dtype)
+    a = A.ACTIVATIONS[act](F.linear(x, wg))
+    t = float(torch.quantile(a.float().abs().flatten(), 0.5))
+    for ub, db in ((None, None), (bu, bd)):
+        got = A._cats_cpu(x, wg, None, wu, ub, wd.t().contiguous(), db, t, act)
+        ref = A.cats_mlp_reference(x, wg, None, wu, ub, wd, db, t, act)
+        _close(got, ref, dtype, scale=4.0)
+
+
+def test_ops_dispatch_and_prefill_path(ext):
+    """3-D inputs, >16 rows (prefill: the dense GEMM path) and opcheck on the prepared ops."""
+    x = torch.randn(2, 20, 64)
+    w = torch.randn(48, 64)
+    b = torch.randn(48)
+    ref = A.threshold_linear_reference(x, w, b, 0.6)
+    torch.testing.assert_close(torch.ops.sparsec.sparse_linear(x, w.t().contiguous(), b, 0.6), ref)
+    torch.testing.assert_close(torch.ops.sparsec.sparse_linear(x[:1, :5], w.t().contiguous(), b, 0.6), ref[:1, :5],
+                               atol=1e-5, rtol=1e-5)
+    torch.library.opcheck(torch.ops.sparsec.sparse_linear.default, (x[:, :3], w.t().contiguous(), b, 0.6))
+    wg, wu, wd = torch.randn(96, 64), torch.randn(96, 64), torch.randn(64, 96)
+    torch.library.opcheck(torch.ops.sparsec.sparse_cats_mlp.default,
+                          (x[:, :3], wg, None, wu, None, wd.t().contiguous(), None, 0.3, "silu"))
+    with pytest.raises(ValueError, match="unknown activation 'swish'"):
+        torch.ops.sparsec.sparse_cats_mlp(x, wg, None, wu, None, wd.t().contiguous(), None, 0.3, "swish")
+
+
+def test_unprepared_op_refreshes_its_transposed_copy(ext):
+    w = torch.randn(40, 30)
+    x = torch.randn(1, 30)
+    torch.testing.assert_close(torch.ops.sparsec.threshold_linear(x, w, None, 0.3),
+                               A.threshold_linear_reference(x, w, None, 0.3), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        w.mul_(3)  # in place: the cached W^T must not be used any more
+    torch.testing.assert_close(torch.ops.sparsec.threshold_linear(x, w, None, 0.3),
+                               A.threshold_linear_reference(x, w, None, 0.3), atol=1e-5, rtol=1e-5)
+
+
+def test_cache_key_changes_with_isa_and_flags(monkeypatch):
+    k512, f512 = cpu._key("avx512")
+    k2, f2 = cpu._key("avx2")
+    kp, fp = cpu._key("portable")
+    assert len({k512, k2, kp}) == 3 and "-mavx512f" in f512 and "-mavx2" in f2 and not any("-m" in f for f in fp)
+    monkeypatch.setattr(cpu, "BASE_FLAGS", cpu.BASE_FLAGS + ["-DX=1"])
+    assert cpu._key("avx512")[0] != k512
+    monkeypatch.setenv("SPARSEC_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match="SPARSEC_CPU_ISA='sse9'"):
+        cpu.isa()
+
+
+_CHILD = textwrap.dedent("""
+    import json, sys, torch
+    from sparsec.kernels import cpu, activation as A
+    e = cpu.extension()
+    x = torch.randn(3, 1000); wt = torch.randn(1000, 4099)
+    ok = torch.allclose(e.sparse_linear(x, wt, None, 0.7), A.sparse_linear_reference(x, wt, None, 0.7),
+                        atol=1e-3, rtol=1e-4)
+    xb, wb = x.bfloat16(), wt.bfloat16()
+    okb = torch.allclose(e.sparse_linear(xb, wb, None, 0.7).float(),
+                         A.sparse_linear_reference(xb, wb, None, 0.7).float(), atol=0.1, rtol=2e-2)
+    print(json.dumps({"isa": e.isa(), "ok": bool(ok and okb), **cpu.build_info()[cpu.isa()]}))
+""")
+
+
+@pytest.mark.slow
+def test_fallback_isas_build_and_lock(tmp_path):
+    """AVX2 and portable builds are correct; two processes building one key at once share it.
+
+    Runs three builds in parallel subprocesses (about 40 s each on 2 cores)."""
+    env = {**os.environ, "SPARSEC_CACHE": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", _CHILD], env={**env, "SPARSEC_CPU_ISA": isa},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for isa in ("portable", "portable", "avx2")]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=900)
+        assert p.returncode == 0, err[-3000:]
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    assert [o["isa"] for o in outs] == ["portable", "portable", "avx2"] and all(o["ok"] for o in outs)
+    # exactly one of the two portable processes built; the other waited on the lock and loaded it
+    assert sorted(o["cached"] for o in outs[:2]) == [False, True]
+    assert outs[0]["path"] == outs[1]["path"] and str(tmp_path) in outs[0]["path"]
