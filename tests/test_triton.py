@@ -1,0 +1,142 @@
+"""The generated Triton kernels, checked without a GPU two ways (DEVELOPERS.md):
+
+1. run under ``TRITON_INTERPRET=1`` on CPU tensors against the reference, small odd shapes;
+2. compiled ahead of time to cubins for sm_80 and sm_90 (Triton ships ptxas).
+
+Tolerances: fp32 1e-4 (split-K sums in another order); bf16/fp16 two ulps of the output
+(2^-7 / 2^-10 relative): both sides accumulate in fp32 and round once (CATS: per element too).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from sparsec.kernels import activation as A  # noqa: E402
+from sparsec.kernels import triton_gen as tg  # noqa: E402
+
+TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (3e-2, 1.6e-2), torch.float16: (4e-3, 2e-3)}
+
+
+@pytest.fixture
+def interpret(monkeypatch, tmp_path):
+    # conftest sets TRITON_INTERPRET=1 before anything imports triton (on machines without
+    # a GPU): the interpreter must be chosen before triton's first import
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("TRITON_INTERPRET=1 must be set before triton is imported (conftest does on CPU machines)")
+    monkeypatch.setenv("SPARSEC_CACHE", str(tmp_path))
+    yield
+    tg._MODULES.clear()
+
+
+def _between(v: torch.Tensor, s: float) -> float:
+    """A threshold half-way between two neighbouring |v| values near the s-quantile: the
+    kernel computes the activation itself, and a value sitting exactly on the threshold could
+    flip on a one-ulp difference from torch's."""
+    a = v.float().abs().flatten().sort().values
+    i = min(int(s * (len(a) - 1)), len(a) - 2)
+    return float((a[i] + a[i + 1]) / 2)
+
+
+def _close(got, ref, dtype, scale=1.0):
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(got.float(), ref.float(), atol=atol * scale, rtol=rtol, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch,k,n", [(1, 100, 77), (3, 131, 67), (16, 70, 130)])
+def test_sparse_linear_interpreted(interpret, dtype, batch, k, n):
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(batch, k, generator=g).to(dtype)
+    wt = (torch.randn(k, n, generator=g) / k**0.5).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype)
+    res = torch.randn(batch, n, generator=g).to(dtype)
+    t = float(torch.quantile(x.float().abs().flatten(), 0.6))
+    _close(tg.sparse_linear_cuda(x, wt, None, t), A.sparse_linear_reference(x, wt, None, t), dtype)
+    # fused bias + residual epilogue
+    _close(tg.sparse_linear_cuda(x, wt, b, t, residual=res), A.sparse_linear_reference(x, wt, b, t) + res, dtype, 2)
+
+
+def test_sparse_linear_interpreted_edges(interpret):
+    x = torch.randn(2, 50)
+    wt = torch.randn(50, 40)
+    b = torch.randn(40)
+    # sparsity 1: every program returns early, y is the bias; sparsity 0: the dense product
+    assert torch.equal(tg.sparse_linear_cuda(x, wt, b, float("inf")), b.expand(2, 40))
+    _close(tg.sparse_linear_cuda(x, wt, b, -1.0), x @ wt + b, torch.float32)
+    x[0, 3] = float("nan")
+    x[1, 4] = float("inf")
+    got, ref = tg.sparse_linear_cuda(x, wt, None, 0.5), A.sparse_linear_reference(x, wt, None, 0.5)
+    assert torch.equal(torch.isnan(got), torch.isnan(ref)) and torch.isnan(got[0]).all()
+    assert torch.equal(torch.isinf(got), torch.isinf(ref))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh", "relu"])
+def test_cats_interpreted(interpret, dtype, act):
+    g = torch.Generator().manual_seed(3)
+    h, i, batch = 70, 131, 3
+    x = torch.randn(batch, h, generator=g).to(dtype)
+    wg, wu = [(torch.randn(i, h, generator=g) / h**0.5).to(dtype) for _ in range(2)]
+    wd = (torch.randn(h, i, generator=g) / i**0.5).to(dtype)
+    bu, bd = torch.randn(i, generator=g).to(dtype), torch.randn(h, generator=g).to(dtype)
+    a = A.ACTIVATIONS[act](torch.nn.functional.linear(x, wg))
+    t = _between(a, 0.5)
+    got = tg.sparse_cats_mlp_cuda(x, wg, None, wu, bu, wd.t().contiguous(), bd, t, act)
+    ref = A.cats_mlp_reference(x, wg, None, wu, bu, wd, bd, t, act)
+    _close(got, ref, dtype, scale=4.0)
+
+
+def test_generated_source_is_specialised_and_dumped(interpret, monkeypatch, tmp_path):
+    monkeypatch.setenv("SPARSEC_DEBUG", str(tmp_path / "dbg"))
+    spec = tg.SiteSpec("sparse_linear", torch.bfloat16, 1000, 4099, has_bias=True)
+    tg.generate(spec)
+    src = (tmp_path / "dbg" / "kernels" / f"{spec.name}.py").read_text()
+    assert "offs_k < 1000" in src and "offs_n < 4099" in src and "DT = tl.bfloat16" in src
+    cuda_src = tg.render(spec, arch=9)
+    assert cuda_src.count("triton.Config(") == len(tg.CONFIGS[9]) + 0 and "tl.dot(xs, w, out_dtype=tl.float32)" in cuda_src
+
+
+_AOT = """
+import json, torch
+from sparsec.kernels import triton_gen as tg
+specs = [
+    (tg.SiteSpec("sparse_linear", torch.bfloat16, 1000, 4099, has_bias=True, has_residual=True), (80, 90)),
+    (tg.SiteSpec("sparse_linear", torch.float16, 576, 1536), (90,)),
+    (tg.SiteSpec("sparse_cats_mlp", torch.bfloat16, 576, 576, inter=1536, activation="silu"), (80, 90)),
+]
+out = []
+for spec, ccs in specs:
+    for cc in ccs:
+        res = tg.aot_compile(spec, cc)
+        out.append({"name": spec.name, "cc": cc, "kernels": {k: [c[:4].hex() for c in v] for k, v in res.items()}})
+print(json.dumps(out))
+"""
+
+
+def test_aot_cubin(tmp_path):
+    """Every kernel of each site, in every autotune config of its architecture, compiles to a
+    cubin for sm_80 / sm_90. In a fresh process without TRITON_INTERPRET: Triton cannot mix
+    interpreted and compiled kernels in one process."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["SPARSEC_CACHE"] = str(tmp_path)
+    p = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert [(o["name"].split("_cuda")[0], o["cc"]) for o in out] == [
+        ("sparse_linear_bfloat16_k1000_n4099_bias_res", 80), ("sparse_linear_bfloat16_k1000_n4099_bias_res", 90),
+        ("sparse_linear_float16_k576_n1536", 90),
+        ("sparse_cats_mlp_bfloat16_k576_n576_i1536", 80), ("sparse_cats_mlp_bfloat16_k576_n576_i1536", 90)]
+    for o in out:
+        expect = {"sparse_gemv", "epilogue"} | ({"cats_up"} if "cats" in o["name"] else set())
+        assert set(o["kernels"]) == expect
+        assert len(o["kernels"]["sparse_gemv"]) == len(tg.CONFIGS[9 if o["cc"] >= 90 else 8])
+        for kname, heads in o["kernels"].items():
+            assert heads and all(h == "7f454c46" for h in heads), (o["name"], kname)  # ELF cubins
