@@ -4,8 +4,9 @@ Registered through the ``torch_dynamo_backends`` entry point, so no ``import spa
 needed. The path (``shared/ALGORITHMS.md``): dynamo graph -> ATen graph (``make_fx``,
 pre-dispatch) -> sparsec passes -> Inductor's ``compile_fx`` for everything dense.
 
-Prepared weights are not copied: the rewritten ops read the model's own parameters, which
-dynamo guards on. Thresholds are constants of the compiled graph: a new plan needs a new
+After the passes, ``sparsec.codegen.lower`` swaps their ops for kernels that read prepared
+(transposed) copies of the weights, made once here; the compiled callable re-copies a weight
+that changes in place. Thresholds are constants of the compiled graph: a new plan needs a new
 ``torch.compile``.
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .calibrate import calibrate_graph
+from .codegen import RefreshingCallable, lower
 from .capture import capture_dynamo
 from .plan import Plan
 from .pipeline import run_pipeline
@@ -98,4 +100,6 @@ def sparsec_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
             t = ctx.tensors.get(fqn)
             if t is not None and entry is not None:
                 _SITES.setdefault(t, {})[s.key] = entry
-    return _dense(ctx.gm, example_inputs, opts)
+    prepared = lower(ctx) if opts.kernels == "auto" else []
+    compiled = _dense(ctx.gm, example_inputs, opts)
+    return RefreshingCallable(compiled, prepared) if prepared else compiled

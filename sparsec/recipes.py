@@ -173,12 +173,16 @@ class CompileOptions:
     - ``on_plugin_error``: ``"raise"`` (default) or ``"skip"`` (warn and skip a failing pass).
     - ``dense_backend``: ``"inductor"`` (default) compiles the dense remainder with Inductor;
       ``"eager"`` runs the rewritten ATen graph as is (fast to set up, for evaluation/debug).
+    - ``kernels``: ``"auto"`` (default) prepares weights at compile time (transposed copies)
+      and runs the C++ (CPU) or Triton (CUDA) kernels; ``"reference"`` keeps the plain-torch
+      reference ops (no prepared copies; for debugging and A/B checks).
     """
 
     recipe: Any = None
     plan: Any = None
     on_plugin_error: str = "raise"
     dense_backend: str = "inductor"
+    kernels: str = "auto"
 
     @classmethod
     def from_dict(cls, options: dict | None) -> "CompileOptions":
@@ -192,6 +196,8 @@ class CompileOptions:
             raise RecipeError(f"sparsec compile options: on_plugin_error must be 'raise' or 'skip', got {opts.on_plugin_error!r}")
         if opts.dense_backend not in ("inductor", "eager"):
             raise RecipeError(f"sparsec compile options: dense_backend must be 'inductor' or 'eager', got {opts.dense_backend!r}")
+        if opts.kernels not in ("auto", "reference"):
+            raise RecipeError(f"sparsec compile options: kernels must be 'auto' or 'reference', got {opts.kernels!r}")
         if opts.recipe is None and opts.plan is None:
             raise RecipeError("sparsec compile options: give a 'recipe' (e.g. 'teal-40') or a calibrated 'plan'")
         return opts
