@@ -20,6 +20,7 @@ import json
 import statistics
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -65,6 +66,7 @@ def main() -> None:
     ap.add_argument("--recipes", nargs="*", default=["teal-40", "teal-50"])
     ap.add_argument("--ppl-windows", type=int, default=4)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--plans", default=None, help="folder to reuse calibrated plans from (and save them to)")
     a = ap.parse_args()
     warnings.simplefilter("ignore")
     torch.set_num_threads(a.threads)
@@ -77,8 +79,14 @@ def main() -> None:
     variants = {"eager dense": (None, None, None), "inductor dense": ("inductor", None, None)}
     for r in a.recipes:
         t0 = time.time()
-        plan = sparsec.calibrate(model, calib, r, progress=True)
-        print(f"# calibrated {r} in {time.time() - t0:.0f} s", flush=True)
+        saved = Path(a.plans) / f"{r}.sparsec" if a.plans else None
+        if saved is not None and saved.exists():
+            plan = sparsec.Plan.load(saved)
+        else:
+            plan = sparsec.calibrate(model, calib, r, progress=True)
+            print(f"# calibrated {r} in {time.time() - t0:.0f} s", flush=True)
+            if saved is not None:
+                plan.save(saved)
         variants[f"sparsec {r}"] = ("sparsec", {"plan": plan}, plan)
 
     steps, compile_s = {}, {}

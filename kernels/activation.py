@@ -104,6 +104,28 @@ def sparse_cats_mlp_reference(
 
 
 # ---- CPU dispatch -----------------------------------------------------------------------------
+# The prepared ops' CPU kernels are C++ (kernels/csrc/activation_sparse.cpp), registered with
+# the dispatcher when the extension loads; these Python paths serve the first call (which
+# loads it), the unprepared ops, and machines where it could not be built.
+
+
+def _sparse_linear_cpu(x, weight_t, bias, threshold):
+    ext = cpu.extension()
+    if ext is None:
+        return sparse_linear_reference(x, weight_t, bias, threshold)
+    return ext.sparse_linear_op(x, weight_t, bias, threshold)
+
+
+def _cats_cpu(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"sparsec::sparse_cats_mlp: unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}")
+    ext = cpu.extension()
+    if ext is None:
+        return sparse_cats_mlp_reference(
+            x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation
+        )
+    return ext.sparse_cats_mlp_op(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold,
+                                  activation)
 
 
 def _cpu_kernel_ok(x: torch.Tensor, *ws: torch.Tensor | None) -> bool:
@@ -113,29 +135,7 @@ def _cpu_kernel_ok(x: torch.Tensor, *ws: torch.Tensor | None) -> bool:
         and x.dtype in _KERNEL_DTYPES
         and 0 < rows <= MAX_KERNEL_ROWS
         and all(w is None or (w.dtype == x.dtype and w.device.type == "cpu") for w in ws)
-        and cpu.extension() is not None
     )
-
-
-def _sparse_linear_cpu(x, weight_t, bias, threshold):
-    if not _cpu_kernel_ok(x, weight_t, bias):
-        return sparse_linear_reference(x, weight_t, bias, threshold)
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    y = cpu.extension().sparse_linear(x2, weight_t.contiguous(), None if bias is None else bias.contiguous(), threshold)
-    return y.reshape(*x.shape[:-1], weight_t.shape[1])
-
-
-def _cats_cpu(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation):
-    if not _cpu_kernel_ok(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias):
-        return sparse_cats_mlp_reference(
-            x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation
-        )
-    x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    # the gate is dense (CATS decides sparsity from it); MKL is as good as anything here
-    a = ACTIVATIONS[activation](F.linear(x2, gate_weight, gate_bias)).contiguous()
-    c = lambda t: None if t is None else t.contiguous()  # noqa: E731
-    y = cpu.extension().cats_mlp(x2, a, up_weight.contiguous(), c(up_bias), down_weight_t.contiguous(), c(down_bias), threshold)
-    return y.reshape(*x.shape[:-1], down_weight_t.shape[1])
 
 
 #: weight -> (version, data_ptr, W^T): the transposed copies the unprepared ops use on CPU
@@ -198,44 +198,43 @@ def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias, thr
     return x.new_empty((*x.shape[:-1], down_weight.shape[0]))
 
 
-@torch.library.custom_op("sparsec::sparse_linear", mutates_args=())
-def sparse_linear(
-    x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, threshold: float
-) -> torch.Tensor:
+# The prepared ops are defined with torch.library.Library rather than custom_op: custom_op
+# adds a Python autograd layer in front of every call (measured: 40-60 us per call), and the
+# C++ CPU kernel registered for them must be reached without Python.
+_lib = torch.library.Library("sparsec", "FRAGMENT")
+_lib.define("sparse_linear(Tensor x, Tensor weight_t, Tensor? bias, float threshold) -> Tensor")
+_lib.define(
+    "sparse_cats_mlp(Tensor x, Tensor gate_weight, Tensor? gate_bias, Tensor up_weight, Tensor? up_bias, "
+    "Tensor down_weight_t, Tensor? down_bias, float threshold, str activation) -> Tensor"
+)
+
+
+@torch.library.impl(_lib, "sparse_linear", "CompositeExplicitAutograd")
+def sparse_linear(x, weight_t, bias, threshold):
     """``W s_t(x) + b`` with the prepared weight ``weight_t = W^T`` (``[in, out]``)."""
     if x.device.type == "cpu":
-        return _sparse_linear_cpu(x, weight_t, bias, threshold)
+        return _sparse_linear_cpu(x, weight_t, bias, threshold)  # loads (and registers) the C++ kernel
     return sparse_linear_reference(x, weight_t, bias, threshold)
 
 
-@sparse_linear.register_fake
+@torch.library.register_fake("sparsec::sparse_linear", lib=_lib)
 def _(x, weight_t, bias, threshold):
     return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
 
 
-@torch.library.custom_op("sparsec::sparse_cats_mlp", mutates_args=())
-def sparse_cats_mlp(
-    x: torch.Tensor,
-    gate_weight: torch.Tensor,
-    gate_bias: torch.Tensor | None,
-    up_weight: torch.Tensor,
-    up_bias: torch.Tensor | None,
-    down_weight_t: torch.Tensor,
-    down_bias: torch.Tensor | None,
-    threshold: float,
-    activation: str,
-) -> torch.Tensor:
+@torch.library.impl(_lib, "sparse_cats_mlp", "CompositeExplicitAutograd")
+def sparse_cats_mlp(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation):
     """CATS with the prepared down weight ``down_weight_t = W_down^T`` (``[inter, hidden]``)."""
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"sparsec::sparse_cats_mlp: unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}")
     if x.device.type == "cpu":
         return _cats_cpu(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"sparsec::sparse_cats_mlp: unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}")
     return sparse_cats_mlp_reference(
         x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation
     )
 
 
-@sparse_cats_mlp.register_fake
+@torch.library.register_fake("sparsec::sparse_cats_mlp", lib=_lib)
 def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation):
     return x.new_empty((*x.shape[:-1], down_weight_t.shape[1]))
 
@@ -245,14 +244,14 @@ def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, t
 # must never trace a Triton body (shared/ALGORITHMS.md, "verified here").
 
 
-@sparse_linear.register_kernel("cuda")
+@torch.library.impl(_lib, "sparse_linear", "CUDA")
 def _(x, weight_t, bias, threshold):
     from . import triton_gen
 
     return triton_gen.sparse_linear_cuda(x, weight_t, bias, threshold)
 
 
-@sparse_cats_mlp.register_kernel("cuda")
+@torch.library.impl(_lib, "sparse_cats_mlp", "CUDA")
 def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation):
     from . import triton_gen
 

@@ -49,6 +49,7 @@ BASE_FLAGS = ["-O3", "-fopenmp", "-std=c++17"]
 
 _loaded: dict[str, ModuleType | None] = {}
 _info: dict[str, dict] = {}
+_registered: list[str] = []
 
 
 def isa() -> str:
@@ -129,6 +130,13 @@ def extension(which: str | None = None) -> ModuleType | None:
         warnings.warn(f"sparsec: could not build the {which} C++ kernels ({type(e).__name__}: {e}); "
                       "the sparse ops fall back to their plain-torch references", RuntimeWarning, stacklevel=2)
         mod = None
+    if mod is not None and which == isa() and not _registered:
+        # the dispatcher's CPU kernels for sparsec::sparse_linear / sparse_cats_mlp: calls
+        # from compiled graphs then never enter Python
+        from . import activation  # noqa: F401  (defines the schemas first)
+
+        mod.register_ops()
+        _registered.append(which)
     _loaded[which] = mod
     return mod
 

@@ -14,6 +14,7 @@
 // -mfma, or nothing); the same source compiles to each. Accumulation is always fp32.
 
 #include <torch/extension.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
@@ -300,10 +301,88 @@ torch::Tensor cats_mlp(torch::Tensor x, torch::Tensor a, torch::Tensor wup, c10:
   return y;
 }
 
+// ---- the dispatcher-facing ops ------------------------------------------------------------
+// Registered as the CPU kernels of sparsec::sparse_linear / sparsec::sparse_cats_mlp (schemas
+// defined in kernels/activation.py), so a call from Inductor's generated code goes straight
+// from the dispatcher to C++: a Python custom-op body cost 40-110 us per call here, more than
+// the GEMV itself on SmolLM2's small linears. Inputs the kernels don't cover (other dtypes,
+// more than MAX_ROWS tokens: prefill) take the reference: a dense GEMM on the thresholded input.
+
+constexpr int64_t MAX_ROWS = 16;
+
+at::Tensor threshold_ref(const at::Tensor& x, double thr) {
+  // compare in fp32 (a bf16 comparison rounds the threshold); keep NaN
+  auto xa = (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) ? x.abs() : x.abs().to(at::kFloat);
+  auto keep = xa.gt(thr).logical_or(x.isnan());
+  return at::where(keep, x, at::zeros({}, x.options()));
+}
+
+bool kernel_ok(const at::Tensor& x, std::initializer_list<const at::Tensor*> ws, int64_t rows) {
+  if (!(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16)) return false;
+  if (rows <= 0 || rows > MAX_ROWS || !x.device().is_cpu()) return false;
+  for (auto* w : ws)
+    if (w && (w->scalar_type() != x.scalar_type() || !w->device().is_cpu())) return false;
+  return true;
+}
+
+std::vector<int64_t> out_sizes(const at::Tensor& x, int64_t n) {
+  auto s = x.sizes().vec();
+  s.back() = n;
+  return s;
+}
+
+at::Tensor sparse_linear_op(const at::Tensor& x, const at::Tensor& wt, const c10::optional<at::Tensor>& bias,
+                            double thr) {
+  const int64_t K = x.size(-1), rows = K ? x.numel() / K : 0;
+  TORCH_CHECK(wt.dim() == 2 && wt.size(0) == K, "sparsec::sparse_linear: weight_t must be [", K, ", out], got ",
+              wt.sizes());
+  if (!kernel_ok(x, {&wt, bias ? &*bias : nullptr}, rows)) return at::linear(threshold_ref(x, thr), wt.t(), bias);
+  auto y = sparse_linear(x.reshape({rows, K}).contiguous(), wt.contiguous(),
+                         bias ? c10::optional<at::Tensor>(bias->contiguous()) : c10::nullopt, thr);
+  return y.view(out_sizes(x, wt.size(1)));
+}
+
+at::Tensor activation(const at::Tensor& g, c10::string_view act) {
+  if (act == "silu") return at::silu(g);
+  if (act == "gelu") return at::gelu(g);
+  if (act == "gelu_tanh") return at::gelu(g, "tanh");
+  if (act == "relu") return at::relu(g);
+  TORCH_CHECK_VALUE(false, "sparsec::sparse_cats_mlp: unknown activation '", act, "'; known: gelu, gelu_tanh, relu, silu");
+}
+
+at::Tensor sparse_cats_mlp_op(const at::Tensor& x, const at::Tensor& gw, const c10::optional<at::Tensor>& gb,
+                              const at::Tensor& uw, const c10::optional<at::Tensor>& ub, const at::Tensor& dwt,
+                              const c10::optional<at::Tensor>& db, double thr, c10::string_view act) {
+  const int64_t H = x.size(-1), rows = H ? x.numel() / H : 0;
+  auto a = activation(at::linear(x, gw, gb), act);  // the gate is dense: CATS decides from it
+  if (!kernel_ok(x, {&gw, &uw, &dwt, gb ? &*gb : nullptr, ub ? &*ub : nullptr, db ? &*db : nullptr}, rows))
+    return at::linear(threshold_ref(a, thr) * at::linear(x, uw, ub), dwt.t(), db);
+  auto c = [](const c10::optional<at::Tensor>& t) {
+    return t ? c10::optional<at::Tensor>(t->contiguous()) : c10::nullopt;
+  };
+  auto y = cats_mlp(x.reshape({rows, H}).contiguous(), a.reshape({rows, a.size(-1)}).contiguous(), uw.contiguous(),
+                    c(ub), dwt.contiguous(), c(db), thr);
+  return y.view(out_sizes(x, dwt.size(1)));
+}
+
+void register_ops() {
+  // once per process, for the build kernels/cpu.py chose for this machine
+  static torch::Library* lib = [] {
+    auto* l = new torch::Library(torch::Library::IMPL, "sparsec", c10::DispatchKey::CPU, __FILE__, __LINE__);
+    l->impl("sparse_linear", TORCH_FN(sparse_linear_op));
+    l->impl("sparse_cats_mlp", TORCH_FN(sparse_cats_mlp_op));
+    return l;
+  }();
+  (void)lib;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("sparse_linear", &sparse_linear, "y = s_t(x) Wt + b, reading only active rows of Wt");
-  m.def("cats_mlp", &cats_mlp, "CATS MLP reading only active rows of Wup and of Wdown^T");
+  m.def("sparse_linear", &sparse_linear, "y = s_t(x) Wt + b on 2-D inputs, reading only active rows of Wt");
+  m.def("cats_mlp", &cats_mlp, "CATS MLP on 2-D inputs, reading only active rows of Wup and of Wdown^T");
+  m.def("sparse_linear_op", &sparse_linear_op, "sparsec::sparse_linear's CPU kernel (any shape, with fallbacks)");
+  m.def("sparse_cats_mlp_op", &sparse_cats_mlp_op, "sparsec::sparse_cats_mlp's CPU kernel");
+  m.def("register_ops", &register_ops, "register the ops above as the CPU kernels of the sparsec ops");
   m.def("isa", &isa_name, "the instruction set this build was compiled for");
 }
