@@ -1,4 +1,4 @@
-"""Build and load sparsec's C++ CPU kernels (``kernels/csrc/*.cpp``).
+"""Build and load sparsec's C++ CPU kernels (``kernels/csrc/*.cpp``, one extension).
 
 Built once with ``torch.utils.cpp_extension`` and cached on disk outside the repository, in
 ``$SPARSEC_CACHE/ext`` (default ``~/.cache/sparsec/ext``). The cache key hashes the source,
@@ -37,7 +37,7 @@ __all__ = ["extension", "isa", "cache_dir", "build_info", "ISA_FLAGS"]
 
 log = logging.getLogger("sparsec.kernels")
 
-SOURCE = Path(__file__).parent / "csrc" / "activation_sparse.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / f for f in ("activation_sparse.cpp", "nm_sparse.cpp")]
 
 #: compiler flags per instruction set. No -ffast-math: NaN must propagate as in the reference.
 ISA_FLAGS = {
@@ -85,7 +85,7 @@ def _compiler_version() -> str:
 def _key(which: str) -> tuple[str, list[str]]:
     flags = BASE_FLAGS + ISA_FLAGS[which]
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(flags).encode(), _compiler_version().encode(),
+    for part in (*(f.read_bytes() for f in SOURCES), " ".join(flags).encode(), _compiler_version().encode(),
                  torch.__version__.encode(), sys.version.encode()):
         h.update(part)
         h.update(b"\0")
@@ -121,7 +121,7 @@ def extension(which: str | None = None) -> ModuleType | None:
                 from torch.utils.cpp_extension import load
 
                 t0 = time.perf_counter()
-                mod = load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                mod = load(name=name, sources=[str(f) for f in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
                            build_directory=str(build), verbose=False)
                 dt = time.perf_counter() - t0
                 _info[which] = {"name": name, "isa": which, "cached": False, "build_s": dt, "path": str(so)}
@@ -133,7 +133,7 @@ def extension(which: str | None = None) -> ModuleType | None:
     if mod is not None and which == isa() and not _registered:
         # the dispatcher's CPU kernels for sparsec::sparse_linear / sparse_cats_mlp: calls
         # from compiled graphs then never enter Python
-        from . import activation  # noqa: F401  (defines the schemas first)
+        from . import activation, nm  # noqa: F401  (define the schemas first)
 
         mod.register_ops()
         _registered.append(which)

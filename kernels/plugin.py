@@ -6,7 +6,7 @@ import torch
 
 from sparsec.hookspecs import hookimpl
 
-from . import activation
+from . import activation, nm
 
 
 @hookimpl
@@ -20,4 +20,19 @@ def sparsec_register_kernels(register):
         torch.ops.sparsec.cats_mlp.default,
         reference=activation.cats_mlp_reference,
         description="CATS: W_down (CATS_t(act(W_gate x)) * W_up x)",
+    )
+    register(
+        torch.ops.sparsec.sparse_linear.default,
+        reference=activation.sparse_linear_reference,
+        description="TEAL on a prepared (transposed) weight; C++ / Triton kernels",
+    )
+    register(
+        torch.ops.sparsec.sparse_cats_mlp.default,
+        reference=activation.sparse_cats_mlp_reference,
+        description="CATS on a prepared down weight; C++ / Triton kernels",
+    )
+    register(
+        torch.ops.sparsec.nm_linear.default,
+        reference=nm.nm_linear_reference,
+        description="N:M compressed weights (values + packed positions), optional TEAL threshold",
     )

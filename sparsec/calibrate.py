@@ -21,7 +21,7 @@ from .plan import Plan
 from .plugins import get_registry
 from .recipes import resolve_recipe
 
-__all__ = ["calibrate", "calibrate_graph", "split_batch"]
+__all__ = ["calibrate", "calibrate_graph", "split_batch", "record_kwargs", "first_tensor"]
 
 
 def split_batch(batch: Any) -> tuple[tuple, dict]:
@@ -35,7 +35,27 @@ def split_batch(batch: Any) -> tuple[tuple, dict]:
     raise RecipeError(f"a calibration batch must be a tensor, a tuple of inputs or a dict, not {type(batch).__name__}")
 
 
-def _first_tensor(out: Any) -> torch.Tensor:
+#: keyword arguments of a block call that carry a KV cache: dropped when a block's inputs are
+#: recorded for re-running. A re-run with the model's cache object appends its keys/values to
+#: the cache again, and attention then reads the *first* run's (dense) keys: sparsifying k/v
+#: would look free to the greedy search.
+_CACHE_KWARGS = ("past_key_value", "past_key_values", "layer_past", "cache")
+
+
+def record_kwargs(kwargs: dict) -> dict:
+    """A block's keyword inputs, detached and cloned, without any KV cache."""
+    out = {}
+    for k, v in kwargs.items():
+        if k in _CACHE_KWARGS:
+            out[k] = None
+        elif k == "use_cache":
+            out[k] = False
+        else:
+            out[k] = v.detach().clone() if isinstance(v, torch.Tensor) else v
+    return out
+
+
+def first_tensor(out: Any) -> torch.Tensor:
     if isinstance(out, torch.Tensor):
         return out
     if isinstance(out, dict):  # ModelOutput is a dict
@@ -62,7 +82,7 @@ class _BlockScorer:
 
             def grab(m, args, kwargs, b=b):
                 detach = lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
-                self.inputs[b].append((tuple(detach(a) for a in args), {k: detach(v) for k, v in kwargs.items()}))
+                self.inputs[b].append((tuple(detach(a) for a in args), record_kwargs(kwargs)))
 
             hooks.append(mod.register_forward_pre_hook(grab, with_kwargs=True))
         try:
@@ -78,7 +98,7 @@ class _BlockScorer:
     def _run(self, block, args, kwargs):
         mod = self.model.get_submodule(block) if block else self.model
         with torch.no_grad():
-            return _first_tensor(mod(*args, **kwargs)).float()
+            return first_tensor(mod(*args, **kwargs)).float()
 
     def __call__(self, block: str, thresholds: dict[str, float]) -> float:
         hooks = []
@@ -157,7 +177,8 @@ def calibrate(model: torch.nn.Module, batches: Iterable, recipe: Any = "teal-50"
             sites = p.match(ctx, cfg)
             for s in sites:
                 found[name].setdefault(s.key, s)
-            insert_probes(ctx.gm, {f"{name}:{k}": v for k, v in p.probes(ctx, sites, cfg).items()}, collector)
+            if hasattr(p, "probes"):
+                insert_probes(ctx.gm, {f"{name}:{k}": v for k, v in p.probes(ctx, sites, cfg).items()}, collector)
         return ctx.gm
 
     compiled = torch.compile(model, backend=probe_backend)
@@ -171,6 +192,11 @@ def calibrate(model: torch.nn.Module, batches: Iterable, recipe: Any = "teal-50"
         sites = list(found[name].values())
         if not sites:
             warnings.warn(f"sparsec: pass {name!r} found no site in {type(model).__name__}", stacklevel=2)
+            continue
+        if hasattr(p, "calibrate_model"):  # passes that calibrate on the eager model themselves
+            entries, tensors = p.calibrate_model(model, sites, cfg, batches, progress)
+            plan.sites.update(entries)
+            plan.tensors.update(tensors)
             continue
         hists = {k.split(":", 1)[1]: h for k, h in collector.hists.items() if k.startswith(name + ":")}
         scorer = None
@@ -200,6 +226,11 @@ def calibrate_graph(ctx, recipe, example_inputs, plan: Plan | None = None, regis
             continue
         sites = [s for s in p.match(ctx, cfg) if s.key not in plan.sites]
         if not sites:
+            continue
+        if hasattr(p, "calibrate_graph"):
+            entries, tensors = p.calibrate_graph(ctx, sites, cfg, real)
+            plan.sites.update(entries)
+            plan.tensors.update(tensors)
             continue
         collector = Collector(bins=getattr(cfg, "bins", 4096))
         added = insert_probes(ctx.gm, p.probes(ctx, sites, cfg), collector)

@@ -24,6 +24,7 @@ __all__ = ["DEFAULT_PLUGINS", "Registry", "get_registry", "reset_registry", "plu
 DEFAULT_PLUGINS = (
     "sparsec.kernels.plugin",
     "sparsec.passes.activation_threshold",
+    "sparsec.passes.nm_weights",
     "sparsec.recipes",
 )
 

@@ -21,6 +21,8 @@ def _sparse_bytes(e: dict) -> tuple[int, int]:
     up and down only for active channels.
     """
     dense = int(e.get("weight_bytes", 0))
+    if "compressed_bytes" in e:  # N:M: values + packed positions
+        return dense, int(e["compressed_bytes"])
     s = float(e.get("measured_sparsity", e.get("sparsity", 0.0))) if e.get("sparsity", 0) > 0 else 0.0
     if e.get("kind") == "cats":
         shapes = e.get("weight_shapes", {})

@@ -30,6 +30,14 @@
 #define SPARSEC_AVX2 1
 #endif
 
+// nm_sparse.cpp
+at::Tensor sparsec_nm_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& positions,
+                             const c10::optional<at::Tensor>& bias, int64_t n, int64_t m, double thr);
+at::Tensor sparsec_nm_linear_op(const at::Tensor& x, const at::Tensor& values, const at::Tensor& positions,
+                                const c10::optional<at::Tensor>& bias, int64_t n, int64_t m, double thr);
+at::Tensor sparsec_nm_unpack(const at::Tensor& values, const at::Tensor& positions, int64_t n, int64_t m,
+                             int64_t in_features);
+
 namespace {
 
 const char* isa_name() {
@@ -371,6 +379,7 @@ void register_ops() {
     auto* l = new torch::Library(torch::Library::IMPL, "sparsec", c10::DispatchKey::CPU, __FILE__, __LINE__);
     l->impl("sparse_linear", TORCH_FN(sparse_linear_op));
     l->impl("sparse_cats_mlp", TORCH_FN(sparse_cats_mlp_op));
+    l->impl("nm_linear", TORCH_FN(sparsec_nm_linear_op));
     return l;
   }();
   (void)lib;
@@ -384,5 +393,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_linear_op", &sparse_linear_op, "sparsec::sparse_linear's CPU kernel (any shape, with fallbacks)");
   m.def("sparse_cats_mlp_op", &sparse_cats_mlp_op, "sparsec::sparse_cats_mlp's CPU kernel");
   m.def("register_ops", &register_ops, "register the ops above as the CPU kernels of the sparsec ops");
+  m.def("nm_linear", &sparsec_nm_linear, "N:M compressed linear on 2-D inputs (<= 16 rows)");
+  m.def("nm_linear_op", &sparsec_nm_linear_op, "sparsec::nm_linear's CPU kernel");
+  m.def("nm_unpack", &sparsec_nm_unpack, "dense weight from values + packed positions");
   m.def("isa", &isa_name, "the instruction set this build was compiled for");
 }

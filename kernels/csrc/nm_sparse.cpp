@@ -1,0 +1,171 @@
+// N:M weight-sparse linear for sparsec (compiled into the same extension as
+// activation_sparse.cpp by kernels/cpu.py).
+//
+//   nm_linear(x[B,K], values[O, K/M*N], positions[O, P] uint8, bias?, n, m, t)
+//       y[b, o] = bias[o] + sum_i values[o, i] * s_t(x)[b, (i / n) * m + pos(o, i)]
+//
+// Format (kernels/nm.py packs it): each output row keeps n of every m consecutive input
+// weights; ``values`` holds the kept weights in group order, ``positions`` their index inside
+// the group with BITS = 1, 2, 4 or 8 bits per value (the smallest power of two >= log2 m),
+// little-endian inside each byte. A token reads only the compressed bytes: values plus BITS
+// per value, about (n/m)(1 + BITS/(8*sizeof)) of the dense weight.
+//
+// The AVX-512 path (BITS == 2, n dividing 16: 2:4, 1:4, 4:4...) takes 16 kept values at a
+// time: one 32-bit load of positions, lane indices base + pos, a gather of x per batch row,
+// one FMA. Other formats use the portable loop. ``t < 0`` means no activation threshold.
+
+#include <torch/extension.h>
+#include <torch/library.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <cmath>
+#include <cstring>
+#include <cstdint>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define SPARSEC_NM_AVX512 1
+#endif
+
+namespace {
+
+inline float f32(float v) { return v; }
+inline float f32(c10::BFloat16 v) { return static_cast<float>(v); }
+
+inline int bits_for(int64_t m) {
+  int b = 1;
+  while ((int64_t(1) << b) < m) b *= 2;
+  return b;
+}
+
+#if defined(SPARSEC_NM_AVX512)
+inline __m512 load16v(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16v(const c10::BFloat16* p) {
+  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+#endif
+
+template <typename T>
+void nm_impl(const float* xf, int64_t B, int64_t K, const T* vals, const uint8_t* pos, int64_t O, int64_t kept,
+             int64_t pbytes, int64_t n, int64_t m, const T* bias, T* y) {
+  const int bits = bits_for(m);
+  const uint32_t mask = (1u << bits) - 1u;
+  at::parallel_for(0, O, 16, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) {
+      const T* v = vals + o * kept;
+      const uint8_t* p = pos + o * pbytes;
+      float acc[16];
+      for (int64_t b = 0; b < B; ++b) acc[b] = 0.f;
+      int64_t i = 0;
+#if defined(SPARSEC_NM_AVX512)
+      if (bits == 2 && 16 % n == 0) {
+        // lane j of a 16-value chunk starting at kept index i (i % 16 == 0) sits in group
+        // (i + j) / n: base offset i / n * m + (j / n) * m
+        alignas(64) int32_t lane_base[16];
+        for (int j = 0; j < 16; ++j) lane_base[j] = static_cast<int32_t>((j / n) * m);
+        const __m512i lb = _mm512_load_si512(lane_base);
+        const __m512i shifts = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+        const __m512i three = _mm512_set1_epi32(3);
+        __m512 accv[16];
+        for (int64_t b = 0; b < B; ++b) accv[b] = _mm512_setzero_ps();
+        for (; i + 16 <= kept; i += 16) {
+          uint32_t word;
+          std::memcpy(&word, p + i / 4, 4);
+          __m512i pv = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int32_t>(word)), shifts), three);
+          __m512i idx = _mm512_add_epi32(_mm512_add_epi32(lb, pv), _mm512_set1_epi32(static_cast<int32_t>(i / n * m)));
+          const __m512 w = load16v(v + i);
+          for (int64_t b = 0; b < B; ++b)
+            accv[b] = _mm512_fmadd_ps(w, _mm512_i32gather_ps(idx, xf + b * K, 4), accv[b]);
+        }
+        for (int64_t b = 0; b < B; ++b) acc[b] = _mm512_reduce_add_ps(accv[b]);
+      }
+#endif
+      for (; i < kept; ++i) {
+        const int64_t byte = (i * bits) >> 3, shift = (i * bits) & 7;
+        const int64_t k = (i / n) * m + ((p[byte] >> shift) & mask);
+        const float w = f32(v[i]);
+        for (int64_t b = 0; b < B; ++b) acc[b] += w * xf[b * K + k];
+      }
+      for (int64_t b = 0; b < B; ++b) y[b * O + o] = static_cast<T>(acc[b] + (bias ? f32(bias[o]) : 0.f));
+    }
+  });
+}
+
+}  // namespace
+
+// Exposed to activation_sparse.cpp's module (one extension, one registration point).
+at::Tensor sparsec_nm_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& positions,
+                             const c10::optional<at::Tensor>& bias, int64_t n, int64_t m, double thr) {
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "sparsec nm_linear: x must be a 2-D CPU tensor");
+  TORCH_CHECK(x.size(0) <= 16, "sparsec nm_linear: at most 16 rows per call, got ", x.size(0));
+  TORCH_CHECK(positions.scalar_type() == at::kByte, "sparsec nm_linear: positions must be uint8");
+  const int64_t B = x.size(0), K = x.size(1), O = values.size(0), kept = values.size(1);
+  TORCH_CHECK(K % m == 0 && kept == K / m * n, "sparsec nm_linear: ", n, ":", m, " values of width ", kept,
+              " do not fit ", K, " inputs");
+  // fp32 copy of the (thresholded) input: it is small, gathered from many times, and lets one
+  // inner loop serve both dtypes
+  auto xf = x.to(at::kFloat).contiguous();
+  if (thr >= 0) {
+    auto keep = xf.abs().gt(thr).logical_or(xf.isnan());
+    xf = at::where(keep, xf, at::zeros({}, xf.options())).contiguous();
+  }
+  auto y = torch::empty({B, O}, x.options());
+  auto vals = values.contiguous();
+  auto pos = positions.contiguous();
+  if (x.scalar_type() == at::kFloat) {
+    TORCH_CHECK(vals.scalar_type() == at::kFloat, "sparsec nm_linear: values dtype must match x");
+    nm_impl<float>(xf.data_ptr<float>(), B, K, vals.data_ptr<float>(), pos.data_ptr<uint8_t>(), O, kept, pos.size(1), n,
+                   m, bias ? bias->contiguous().data_ptr<float>() : nullptr, y.data_ptr<float>());
+  } else if (x.scalar_type() == at::kBFloat16) {
+    using bf = c10::BFloat16;
+    TORCH_CHECK(vals.scalar_type() == at::kBFloat16, "sparsec nm_linear: values dtype must match x");
+    at::Tensor bc = bias ? bias->contiguous() : at::Tensor();
+    nm_impl<bf>(xf.data_ptr<float>(), B, K, vals.data_ptr<bf>(), pos.data_ptr<uint8_t>(), O, kept, pos.size(1), n, m,
+                bias ? bc.data_ptr<bf>() : nullptr, y.data_ptr<bf>());
+  } else {
+    TORCH_CHECK(false, "sparsec nm_linear: unsupported dtype ", x.scalar_type(), " (float32, bfloat16)");
+  }
+  return y;
+}
+
+// Dense weight from the compressed format (ATen ops): the path for prefill-sized inputs and
+// other dtypes, and the kernels' reference.
+at::Tensor sparsec_nm_unpack(const at::Tensor& values, const at::Tensor& positions, int64_t n, int64_t m,
+                             int64_t in_features) {
+  const int bits = bits_for(m);
+  const int64_t O = values.size(0), kept = values.size(1);
+  auto shifts = at::arange(0, 8, bits, positions.options().dtype(at::kInt));
+  auto pv = positions.to(at::kInt).unsqueeze(-1).bitwise_right_shift(shifts).bitwise_and((1 << bits) - 1);
+  pv = pv.reshape({O, -1}).narrow(1, 0, kept).to(at::kLong);
+  auto base = at::arange(kept, positions.options().dtype(at::kLong)).div(n, "floor").mul(m);
+  auto w = at::zeros({O, in_features}, values.options());
+  return w.scatter_(1, pv + base, values);
+}
+
+at::Tensor sparsec_nm_linear_op(const at::Tensor& x, const at::Tensor& values, const at::Tensor& positions,
+                                const c10::optional<at::Tensor>& bias, int64_t n, int64_t m, double thr) {
+  const int64_t K = x.size(-1), rows = K ? x.numel() / K : 0;
+  TORCH_CHECK(values.dim() == 2 && values.size(1) * m == K * n, "sparsec::nm_linear: ", n, ":", m,
+              " values of shape ", values.sizes(), " do not fit ", K, " input features");
+  const bool ok = (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
+                  values.scalar_type() == x.scalar_type() && (!bias || bias->scalar_type() == x.scalar_type()) &&
+                  rows > 0 && rows <= 16 && x.device().is_cpu() &&
+                  // NaN/inf inputs: the reference multiplies them by the pruned zeros too (NaN
+                  // everywhere); the kernel never sees pruned weights, so it would hide them
+                  at::isfinite(x).all().item<bool>();
+  if (!ok) {
+    auto xs = x;
+    if (thr >= 0) {
+      auto xa = (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) ? x.abs() : x.abs().to(at::kFloat);
+      xs = at::where(xa.gt(thr).logical_or(x.isnan()), x, at::zeros({}, x.options()));
+    }
+    return at::linear(xs, sparsec_nm_unpack(values, positions, n, m, K), bias);
+  }
+  auto y = sparsec_nm_linear(x.reshape({rows, K}), values, positions, bias, n, m, thr);
+  auto sizes = x.sizes().vec();
+  sizes.back() = values.size(0);
+  return y.view(sizes);
+}

@@ -1,0 +1,368 @@
+"""N:M weight sparsity: ``aten.linear(x, W, b)`` -> ``sparsec::nm_linear(x, values, positions, b, n, m, -1)``.
+
+Every linear with a 2-D parameter weight whose input size ``m`` divides is a site (module-path
+``targets``/``ignore``; the lm_head and embeddings are ignored by default). Masks keep ``n`` of
+every ``m`` consecutive inputs of each output row, chosen by
+
+- ``magnitude``: ``|W_ij|``;
+- ``wanda``: ``|W_ij| * ||X_j||_2`` (``X_j``: input feature j over the calibration tokens);
+- ``sparsegpt``: the OBS update of ALGORITHMS.md (damped Hessian ``X X^T``, upper Cholesky
+  factor of its inverse, blocks of ``blocksize`` columns, mask chosen inside each block by
+  ``w^2 / Hinv_jj^2``, error propagated to later columns), block by block through the model on
+  the outputs of the already-pruned blocks, one layer's Hessian in memory at a time.
+
+``structure: unstructured`` keeps the top ``1 - sparsity`` of each output row instead (a
+masked dense weight: no kernel speedup, for quality comparisons).
+
+The compressed weights (values + packed positions, ``sparsec.kernels.nm``) live in the plan;
+the user's model is never modified. With ``activation_threshold`` (TEAL) in the same recipe,
+the thresholded linear becomes one fused ``nm_linear`` with the threshold.
+
+Example recipe::
+
+    {"passes": {"nm_weights": {"n": 2, "m": 4, "method": "sparsegpt"}}}
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from sparsec.errors import PlanError, RecipeError
+from sparsec.hookspecs import hookimpl
+from sparsec.passbase import GraphContext, Pass, Site, block_of, path_matches
+
+__all__ = ["NMWeightsConfig", "NMWeights", "sparsegpt_prune", "wanda_scores"]
+
+aten = torch.ops.aten
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+@dataclass
+class NMWeightsConfig:
+    #: keep n of every m consecutive input weights of each output row
+    n: int = 2
+    m: int = 4
+    #: mask scoring: "magnitude", "wanda" or "sparsegpt"
+    method: str = "magnitude"
+    #: "nm" (N:M groups, compressed, fast kernels) or "unstructured" (per-row top-k, masked dense)
+    structure: str = "nm"
+    #: unstructured only: the fraction of each row's weights removed, in [0, 1)
+    sparsity: float = 0.5
+    #: module-path patterns to rewrite (empty: every linear that fits)
+    targets: list[str] = field(default_factory=list)
+    #: module-path patterns never to rewrite
+    ignore: list[str] = field(default_factory=lambda: ["lm_head", "embed_tokens", "embed", "wte", "wpe"])
+    #: sparsegpt: columns per lazy-update block
+    blocksize: int = 128
+    #: sparsegpt: Hessian damping, as a fraction of mean(diag H)
+    damp: float = 0.01
+
+    def validate(self) -> None:
+        for k in ("n", "m", "blocksize"):
+            if not isinstance(getattr(self, k), int) or isinstance(getattr(self, k), bool):
+                raise RecipeError(f"{k} must be an integer, got {getattr(self, k)!r}")
+        if self.structure not in ("nm", "unstructured"):
+            raise RecipeError(f"structure must be 'nm' or 'unstructured', got {self.structure!r}")
+        if self.structure == "nm":
+            if self.n < 1 or self.m < 2:
+                raise RecipeError(f"n must be >= 1 and m >= 2, got n={self.n}, m={self.m}")
+            if self.n >= self.m:
+                raise RecipeError(f"n must be smaller than m (keep n of every m), got n={self.n}, m={self.m}")
+            if self.m > 256:
+                raise RecipeError(f"m must be at most 256, got {self.m}")
+        if self.method not in METHODS:
+            from sparsec.errors import did_you_mean
+
+            raise RecipeError(f"method must be one of {list(METHODS)}, got {self.method!r}{did_you_mean(str(self.method), METHODS)}")
+        if not (0.0 <= self.sparsity < 1.0) or math.isnan(self.sparsity):
+            raise RecipeError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        if self.blocksize < 1:
+            raise RecipeError(f"blocksize must be positive, got {self.blocksize}")
+        if not (self.damp >= 0):
+            raise RecipeError(f"damp must not be negative, got {self.damp}")
+
+    @property
+    def removed(self) -> float:
+        return 1 - self.n / self.m if self.structure == "nm" else self.sparsity
+
+
+# ---- scoring and pruning ---------------------------------------------------------------------------
+
+
+def wanda_scores(w: torch.Tensor, sumsq: torch.Tensor) -> torch.Tensor:
+    """``|W_ij| * ||X_j||_2``."""
+    return w.detach().float().abs() * sumsq.float().sqrt().unsqueeze(0)
+
+
+def _mask(scores: torch.Tensor, cfg: NMWeightsConfig) -> torch.Tensor:
+    from sparsec.kernels.nm import nm_mask, unstructured_mask
+
+    if cfg.structure == "nm":
+        return nm_mask(scores, cfg.n, cfg.m)
+    return unstructured_mask(scores, cfg.sparsity)
+
+
+@torch.no_grad()
+def sparsegpt_prune(w: torch.Tensor, H: torch.Tensor, cfg: NMWeightsConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT (Frantar & Alistarh 2023) on one layer: ``(pruned weight, mask)``.
+
+    ``H = sum x x^T`` over the layer's calibration inputs. Dead inputs (``H_jj = 0``) get
+    ``H_jj = 1`` and their weights are zeroed first, as in the reference implementation.
+    Unstructured: within each block the lowest ``sparsity`` fraction of ``w^2/Hinv_jj^2`` per
+    row is pruned (the reference's per-block row-wise variant, a close stand-in for its
+    global-per-layer choice).
+    """
+    W = w.detach().to(torch.float64).clone()
+    H = H.detach().to(torch.float64).clone()
+    rows, cols = W.shape
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += cfg.damp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=H.dtype)
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.cholesky_inverse(L)
+    Hinv = torch.linalg.cholesky(Hinv, upper=True)
+    mask = torch.zeros_like(W, dtype=torch.bool)  # True = pruned
+    bs = cfg.blocksize
+    if cfg.structure == "nm":
+        bs = max(cfg.m, bs - bs % cfg.m)  # blocks hold whole groups
+    for i1 in range(0, cols, bs):
+        i2 = min(i1 + bs, cols)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        if cfg.structure == "unstructured":
+            score = W1**2 / torch.diag(Hinv1).reshape(1, -1) ** 2
+            k = int(round(score.shape[1] * cfg.sparsity))
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+            if k:
+                mask1.scatter_(1, torch.sort(score, dim=1, stable=True).indices[:, :k], True)
+        else:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            w_col = W1[:, i]
+            d = Hinv1[i, i]
+            if cfg.structure == "nm" and i % cfg.m == 0:
+                tmp = W1[:, i:i + cfg.m] ** 2 / torch.diag(Hinv1)[i:i + cfg.m].reshape(1, -1) ** 2
+                drop = torch.sort(tmp, dim=1, stable=True).indices[:, : cfg.m - cfg.n]
+                mask1.scatter_(1, i + drop, True)
+            q = w_col.clone()
+            q[mask1[:, i]] = 0
+            Q1[:, i] = q
+            err = (w_col - q) / d
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        mask[:, i1:i2] = mask1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return W.to(w.dtype), ~mask
+
+
+# ---- the pass ----------------------------------------------------------------------------------------
+
+
+def _weight_of(ctx: GraphContext, node) -> tuple | None:
+    """``(x, weight, bias, threshold)`` for ``aten.linear`` and TEAL's ``threshold_linear``."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    if node.target is aten.linear.default:
+        t = None
+    else:
+        schema = getattr(node.target, "_schema", None)
+        if schema is None or schema.name != "sparsec::threshold_linear":
+            return None
+        t = float(node.args[3])
+    x, w = node.args[0], node.args[1]
+    b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    if ctx.param_name(w) is None:
+        return None
+    val = ctx.val(w)
+    if val is None or val.dim() != 2:
+        return None
+    if b is not None and ctx.param_name(b) is None:
+        return None
+    return x, w, b, t
+
+
+class NMWeights(Pass):
+    name = "nm_weights"
+    after = ("activation_threshold",)
+    config_cls = NMWeightsConfig
+
+    def needs_calibration(self, config: NMWeightsConfig) -> bool:
+        return True  # masks (and SparseGPT's updated weights) are decided once, into the plan
+
+    def _wanted(self, path: str, config) -> bool:
+        if config.targets and not path_matches(path, config.targets):
+            return False
+        return not path_matches(path, config.ignore)
+
+    def match(self, ctx: GraphContext, config: NMWeightsConfig) -> list[Site]:
+        sites, skipped = [], []
+        for node in ctx.gm.graph.nodes:
+            parts = _weight_of(ctx, node)
+            if parts is None:
+                continue
+            x, w, b, _ = parts
+            path = ctx.site_path(node, w)
+            if not self._wanted(path, config):
+                continue
+            shape = [int(s) for s in ctx.val(w).shape]
+            if config.structure == "nm" and shape[1] % config.m:
+                skipped.append(f"{path} ({shape[1]} inputs)")
+                continue
+            v = ctx.val(w)
+            weights = {"weight": ctx.param_name(w)}
+            shapes = {"weight": shape}
+            if b is not None:
+                weights["bias"] = ctx.param_name(b)
+                shapes["bias"] = [int(s) for s in ctx.val(b).shape]
+            sites.append(Site(key=f"{path}:nm", pass_name=self.name, kind="nm", nodes={"linear": node, "input": x,
+                              "weight": w, "bias": b}, weights=weights, weight_shapes=shapes,
+                              weight_bytes=int(v.numel()) * v.element_size(), group=path, block=block_of(path)))
+        if skipped:
+            warnings.warn(f"sparsec nm_weights: m={config.m} does not divide the inputs of {len(skipped)} linear(s), "
+                          f"left dense: {', '.join(skipped[:4])}", stacklevel=2)
+        return sites
+
+    # -- calibration (sparsec.calibrate calls this with the model) -----------------------------
+    def calibrate_model(self, model, sites: list[Site], config: NMWeightsConfig, batches: list, progress: bool):
+        """``(entries, tensors)`` for the plan."""
+        from .nm_calibration import calibrate_nm
+
+        return calibrate_nm(self, model, sites, config, batches, progress)
+
+    def calibrate_graph(self, ctx: GraphContext, sites: list[Site], config: NMWeightsConfig, example_inputs):
+        """Compile without a plan: score on the compile's example inputs, on the captured graph
+        (Hessians of the dense model: SparseGPT without the block-by-block propagation)."""
+        stats: dict[str, torch.Tensor] = {}
+        added = []
+        if config.method != "magnitude":
+            record = _recorder(stats, hessian=config.method == "sparsegpt")
+            graph = ctx.gm.graph
+            for s in sites:
+                with graph.inserting_after(s.nodes["input"]):
+                    added.append(graph.call_function(record, (s.nodes["input"], s.key)))
+            ctx.gm.recompile()
+            try:
+                with torch.no_grad():
+                    ctx.gm(*example_inputs)
+            finally:
+                for n in added:
+                    graph.erase_node(n)
+                ctx.gm.recompile()
+        entries, tensors = {}, {}
+        for s in sites:
+            w = ctx.tensors[s.weights["weight"]].detach()
+            if config.method == "sparsegpt":
+                pruned, keep = sparsegpt_prune(w, stats[s.key], config)
+            else:
+                keep = _mask(wanda_scores(w, stats[s.key]) if config.method == "wanda" else w.abs(), config)
+                pruned = w * keep
+            e, t = self.entry(s, config, pruned, keep)
+            entries[s.key] = e
+            tensors.update(t)
+        return entries, tensors
+
+    def entry(self, s: Site, config: NMWeightsConfig, pruned: torch.Tensor, keep: torch.Tensor):
+        """The plan entry and tensors of one site from its pruned weight and keep-mask."""
+        from sparsec.kernels.nm import pack
+
+        w = pruned.detach().contiguous()
+        tensors = {}
+        if config.structure == "nm":
+            values, positions = pack(w, keep, config.n, config.m)
+            tensors[f"{s.key}.values"] = values
+            tensors[f"{s.key}.positions"] = positions
+            comp = values.numel() * values.element_size() + positions.numel()
+        else:
+            tensors[f"{s.key}.weight"] = (w * keep).contiguous()
+            comp = s.weight_bytes
+        removed = 1.0 - float(keep.float().mean())
+        entry = {"pass": self.name, "kind": "nm", "n": config.n, "m": config.m, "structure": config.structure,
+                 "method": config.method, "sparsity": config.removed, "measured_sparsity": removed,
+                 "block": s.block, "weights": s.weights, "weight_shapes": s.weight_shapes,
+                 "weight_bytes": s.weight_bytes, "compressed_bytes": int(comp)}
+        return entry, tensors
+
+    # -- rewrite ----------------------------------------------------------------------------------
+    def rewrite(self, ctx: GraphContext, sites: list[Site], config: NMWeightsConfig, plan) -> bool:
+        import sparsec.kernels.nm  # noqa: F401  (defines sparsec::nm_linear)
+
+        graph = ctx.gm.graph
+        changed = False
+        for s in sites:
+            e = plan.entry_for(s)
+            old = s.nodes["linear"]
+            x, w, b, t = _weight_of(ctx, old)
+            if e.get("structure", "nm") == "nm":
+                vals = plan.tensors.get(f"{s.key}.values")
+                pos = plan.tensors.get(f"{s.key}.positions")
+                if vals is None or pos is None:
+                    raise PlanError(f"the plan has no compressed weights for site {s.key!r}")
+                dtype = ctx.val(w).dtype
+                vals = vals.to(dtype)
+                va = _constant(ctx, f"{s.key}.values", vals)
+                pa = _constant(ctx, f"{s.key}.positions", pos)
+                with graph.inserting_before(old):
+                    new = graph.call_function(torch.ops.sparsec.nm_linear.default,
+                                              (x, va, pa, b, int(e["n"]), int(e["m"]), -1.0 if t is None else t))
+            else:
+                wt = plan.tensors.get(f"{s.key}.weight")
+                if wt is None:
+                    raise PlanError(f"the plan has no pruned weight for site {s.key!r}")
+                wa = _constant(ctx, f"{s.key}.weight", wt.to(ctx.val(w).dtype))
+                with graph.inserting_before(old):
+                    if t is None:
+                        new = graph.call_function(aten.linear.default, (x, wa, b))
+                    else:
+                        new = graph.call_function(old.target, (x, wa, b, t))
+            new.meta.update(old.meta)
+            old.replace_all_uses_with(new)
+            graph.erase_node(old)
+            changed = True
+        return changed
+
+
+def _recorder(stats: dict, hessian: bool):
+    """A graph-callable that accumulates Wanda's ``sum x^2`` or SparseGPT's ``sum x x^T``.
+
+    A closure, so that the graph's arguments stay plain (FX copies dict arguments and cannot
+    print arbitrary objects into its generated code)."""
+
+    def sparsec_nm_record(x: torch.Tensor, key: str) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        v = x.T @ x if hessian else x.pow(2).sum(0)
+        stats[key] = stats[key] + v if key in stats else v
+
+    return sparsec_nm_record
+
+
+def _constant(ctx: GraphContext, key: str, value: torch.Tensor) -> fx.Node:
+    """A ``get_attr`` node for a plan tensor, placed on the graph module (export lifts it)."""
+    gm = ctx.gm
+    name = "_sparsec_" + "".join(c if c.isalnum() else "_" for c in key)
+    if not hasattr(gm, name):
+        device = next((t.device for t in ctx.tensors.values()), torch.device("cpu"))
+        gm.register_buffer(name, value.to(device))
+    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
+    with gm.graph.inserting_before(first):
+        node = gm.graph.get_attr(name)
+    node.meta["val"] = getattr(gm, name)
+    return node
+
+
+_PASS = NMWeights()
+
+
+@hookimpl
+def sparsec_register_passes(register):
+    register(_PASS)

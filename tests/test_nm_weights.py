@@ -1,0 +1,248 @@
+"""N:M weights: masks, the compressed format, the kernel, SparseGPT, the pass end to end.
+
+Tolerances: the kernel vs the masked-dense reference, fp32 1e-4 (other summation order),
+bf16 2^-7 relative (both accumulate in fp32, one rounding of the output).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sparsec
+from sparsec.errors import RecipeError
+from sparsec.kernels import nm
+from sparsec.passes.nm_weights import NMWeightsConfig, sparsegpt_prune
+
+from .conftest import state_hash
+
+PATTERNS = [(2, 4), (1, 4), (4, 8), (2, 8), (3, 4), (1, 2), (5, 16), (2, 32)]
+
+
+@pytest.mark.parametrize("n,m", PATTERNS)
+def test_mask_keeps_exactly_n_of_m_and_pack_roundtrips(n, m):
+    g = torch.Generator().manual_seed(m * 10 + n)
+    w = torch.randn(37, 4 * m * 3, generator=g)
+    w[0, :m] = 1.0  # ties: the lower indices win, deterministically
+    keep = nm.nm_mask(w.abs(), n, m)
+    assert (keep.reshape(37, -1, m).sum(-1) == n).all()
+    assert keep[0, :n].all() and not keep[0, n:m].any()
+    # the kept ones are the largest of each group
+    g4 = w.abs().reshape(37, -1, m)
+    kept_min = torch.where(keep.reshape(g4.shape), g4, torch.inf).amin(-1)
+    dropped_max = torch.where(keep.reshape(g4.shape), -torch.inf, g4).amax(-1)
+    assert (kept_min >= dropped_max).all()
+    for dtype in (torch.float32, torch.bfloat16):
+        wd = w.to(dtype)
+        values, positions = nm.pack(wd, keep, n, m)
+        assert values.shape == (37, w.shape[1] // m * n) and positions.dtype == torch.uint8
+        assert positions.shape[1] % 4 == 0
+        assert torch.equal(nm.unpack(values, positions, n, m, w.shape[1]), wd * keep)
+
+
+def test_pack_rejects_a_mask_that_is_not_n_of_m():
+    w = torch.randn(4, 8)
+    keep = nm.nm_mask(w.abs(), 2, 4)
+    keep[1, 0] = ~keep[1, 0]
+    with pytest.raises(ValueError, match="mask is not 2:4: 1 groups"):
+        nm.pack(w, keep, 2, 4)
+    with pytest.raises(ValueError, match="n < m"):
+        nm.nm_mask(w.abs(), 4, 4)
+    with pytest.raises(ValueError, match="m=3 does not divide the 8 input features"):
+        nm.nm_mask(w.abs(), 1, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (3, 4)])
+@pytest.mark.parametrize("batch", [1, 3, 16, 33])
+def test_nm_linear_kernel_matches_masked_dense(dtype, n, m, batch):
+    g = torch.Generator().manual_seed(batch + n)
+    out_f, in_f = 4099 if batch == 1 else 131, 1000
+    w = (torch.randn(out_f, in_f, generator=g) / in_f**0.5).to(dtype)
+    keep = nm.nm_mask(w.abs(), n, m)
+    values, positions = nm.pack(w, keep, n, m)
+    bias = torch.randn(out_f, generator=g).to(dtype)
+    x = torch.randn(batch, in_f, generator=g).to(dtype)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=8e-3)
+    for t in (-1.0, 0.6):  # without / with the TEAL threshold (the fused composition)
+        got = torch.ops.sparsec.nm_linear(x, values, positions, bias, n, m, t)
+        xs = nm.nm_linear_reference(x, values, positions, bias, n, m, t)
+        ref = F.linear(x if t < 0 else sparsec.kernels.activation.threshold_reference(x, t), w * keep, bias)
+        torch.testing.assert_close(xs, ref)  # the reference is the masked-dense product
+        torch.testing.assert_close(got.float(), ref.float(), **tol)
+    # NaN in the input propagates as in the reference
+    x[0, 5] = float("nan")
+    got = torch.ops.sparsec.nm_linear(x, values, positions, None, n, m, -1.0)
+    assert torch.equal(torch.isnan(got), torch.isnan(F.linear(x, w * keep)))
+
+
+def test_nm_linear_opcheck_and_3d():
+    w = torch.randn(24, 32)
+    keep = nm.nm_mask(w.abs(), 2, 4)
+    v, p = nm.pack(w, keep, 2, 4)
+    x = torch.randn(2, 3, 32)
+    torch.library.opcheck(torch.ops.sparsec.nm_linear.default, (x, v, p, None, 2, 4, -1.0))
+    torch.testing.assert_close(torch.ops.sparsec.nm_linear(x, v, p, None, 2, 4, -1.0), F.linear(x, w * keep),
+                               atol=1e-5, rtol=1e-5)
+
+
+def _sparsegpt_float64(W, H, n, m, damp):
+    """SparseGPT written plainly: one column at a time, no lazy blocks, float64."""
+    W = W.double().clone()
+    H = H.double().clone()
+    cols = W.shape[1]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += damp * torch.diag(H).mean() * torch.eye(cols, dtype=torch.float64)
+    U = torch.linalg.cholesky(torch.linalg.inv(H), upper=True)
+    pruned = torch.zeros_like(W, dtype=torch.bool)
+    for j in range(cols):
+        if j % m == 0:
+            score = W[:, j:j + m] ** 2 / torch.diag(U)[j:j + m] ** 2
+            drop = torch.sort(score, dim=1, stable=True).indices[:, : m - n]
+            pruned[:, j:j + m].scatter_(1, drop, True)
+        q = torch.where(pruned[:, j], 0.0, W[:, j])
+        err = (W[:, j] - q) / U[j, j]
+        W[:, j:] -= err[:, None] * U[j, j:][None, :]
+        W[:, j] = q
+    return W, ~pruned
+
+
+def test_sparsegpt_matches_a_plain_float64_implementation():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(256, 48, generator=g) * torch.linspace(0.2, 3, 48)  # uneven input scales
+    W = torch.randn(20, 48, generator=g)
+    H = X.T @ X
+    cfg = NMWeightsConfig(n=2, m=4, method="sparsegpt", blocksize=16)
+    ours, keep = sparsegpt_prune(W, H, cfg)
+    ref, ref_keep = _sparsegpt_float64(W, H, 2, 4, 0.01)
+    assert torch.equal(keep, ref_keep)
+    torch.testing.assert_close(ours.double(), ref, atol=1e-4, rtol=1e-4)
+    assert (keep.reshape(20, -1, 4).sum(-1) == 2).all() and torch.equal(ours == 0, ~keep)
+    # and it beats magnitude and Wanda on the layer's output error, as it should
+    def err(Wp):
+        return float((X @ (W - Wp).T).pow(2).sum())
+
+    mag = W * nm.nm_mask(W.abs(), 2, 4)
+    wanda = W * nm.nm_mask(W.abs() * X.pow(2).sum(0).sqrt(), 2, 4)
+    assert err(ours) < err(wanda) < err(mag)
+
+
+@pytest.mark.parametrize("recipe,match", [
+    ({"n": 4, "m": 4}, "n must be smaller than m"),
+    ({"n": 5, "m": 4}, "n must be smaller than m"),
+    ({"n": 2, "m": 1}, "m >= 2"),
+    ({"method": "sparsgpt"}, "did you mean 'sparsegpt'"),
+    ({"mthod": "wanda"}, "did you mean 'method'"),
+    ({"structure": "blocked"}, "structure must be 'nm' or 'unstructured'"),
+    ({"structure": "unstructured", "sparsity": 1.0}, r"sparsity must be in \[0, 1\)"),
+    ({"n": 2.0}, "n must be an integer"),
+])
+def test_bad_nm_recipes(recipe, match):
+    with pytest.raises(RecipeError, match=match):
+        sparsec.resolve_recipe({"passes": {"nm_weights": recipe}})
+
+
+def _dense_reference(model, plan):
+    """The model with every pruned weight swapped in (what the rewrite must equal)."""
+    ref = copy.deepcopy(model)
+    for key, e in plan.sites.items():
+        if e["pass"] != "nm_weights":
+            continue
+        w = ref.get_parameter(e["weights"]["weight"])
+        if e["structure"] == "nm":
+            dense = nm.unpack(plan.tensors[f"{key}.values"], plan.tensors[f"{key}.positions"], e["n"], e["m"], w.shape[1])
+        else:
+            dense = plan.tensors[f"{key}.weight"]
+        with torch.no_grad():
+            w.copy_(dense)
+    return ref
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_compile_and_export_2of4(tiny, tiny_batches, method, tmp_path):
+    before = state_hash(tiny)
+    recipe = {"passes": {"nm_weights": {"n": 2, "m": 4, "method": method}}}
+    plan = sparsec.calibrate(tiny, tiny_batches, recipe, progress=False)
+    # 2 layers x 7 linears; lm_head and embeddings ignored
+    assert len(plan.sites) == 14 and all(k.endswith(":nm") for k in plan.sites)
+    plan.save(tmp_path / "p.sparsec")
+    plan = sparsec.Plan.load(tmp_path / "p.sparsec")
+    for key, e in plan.sites.items():
+        keep = nm.unpack(plan.tensors[f"{key}.values"], plan.tensors[f"{key}.positions"], 2, 4,
+                         e["weight_shapes"]["weight"][1]) != 0
+        assert (keep.reshape(keep.shape[0], -1, 4).sum(-1) <= 2).all()
+    ref_model = _dense_reference(tiny, plan)
+    x = torch.randint(0, 256, (1, 11))
+    with torch.no_grad():
+        ref = ref_model(x).logits
+        out = torch.compile(tiny, backend="sparsec", options={"plan": plan}, fullgraph=True)(x).logits
+        ep = sparsec.export(tiny, (x,), plan=plan)
+        exported = ep.module()(x).logits
+    assert sum("sparsec.nm_linear" in str(n.target) for n in ep.graph.nodes) == 14
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(exported, ref, atol=1e-4, rtol=1e-4)
+    assert state_hash(tiny) == before
+
+
+def test_teal_and_2of4_compose_into_one_op(tiny, tiny_batches):
+    recipe = {"passes": {"activation_threshold": {"mode": "teal", "sparsity": 0.4, "allocation": "uniform"},
+                         "nm_weights": {"n": 2, "m": 4, "method": "wanda"}}}
+    plan = sparsec.calibrate(tiny, tiny_batches, recipe, progress=False)
+    x = torch.randint(0, 256, (1, 9))
+    made = []
+
+    def spy(gm, ex):
+        out = sparsec.sparsec_backend(gm, ex, options={"plan": plan, "dense_backend": "eager"})
+        made.append(out)
+        return out
+
+    with torch.no_grad():
+        out = torch.compile(tiny, backend=spy)(x).logits
+    gm = getattr(made[0], "fn", made[0])
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert sum("sparsec.nm_linear" in t for t in targets) == 14
+    assert not any("threshold_linear" in t or "sparse_linear" in t for t in targets)
+    # reference: masked-dense weights and TEAL thresholds applied by hand
+    ref_model = _dense_reference(tiny, plan)
+    hooks = []
+    for key, e in plan.sites.items():
+        if e["pass"] == "activation_threshold" and e["sparsity"] > 0:
+            t = e["threshold"]
+            hooks.append(ref_model.get_submodule(key).register_forward_pre_hook(
+                lambda m, a, t=t: (sparsec.kernels.activation.threshold_reference(a[0], t),)))
+    with torch.no_grad():
+        ref = ref_model(x).logits
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_m_not_dividing_inputs_is_left_dense_with_a_warning():
+    mlp = torch.nn.Sequential(torch.nn.Linear(30, 12), torch.nn.ReLU(), torch.nn.Linear(12, 5))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        plan = sparsec.calibrate(mlp, [torch.randn(4, 30)], {"passes": {"nm_weights": {"n": 1, "m": 4}}},
+                                 progress=False)
+    assert list(plan.sites) == ["2:nm"]
+    assert any("m=4 does not divide the inputs of 1 linear" in str(x.message) for x in w)
+
+
+def test_compile_without_plan_scores_on_example_inputs():
+    mlp = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+    x = torch.randn(3, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.no_grad():
+            out = torch.compile(mlp, backend="sparsec", options={
+                "recipe": {"passes": {"nm_weights": {"n": 2, "m": 4, "method": "wanda"}}}})(x)
+    w0, w2 = mlp[0].weight.detach(), mlp[2].weight.detach()
+    # Wanda statistics come from the dense graph on the example inputs
+    h_dense = torch.relu(F.linear(x, w0, mlp[0].bias))
+    k0 = nm.nm_mask(w0.abs() * x.pow(2).sum(0).sqrt(), 2, 4)
+    k2 = nm.nm_mask(w2.abs() * h_dense.pow(2).sum(0).sqrt(), 2, 4)
+    ref = F.linear(torch.relu(F.linear(x, w0 * k0, mlp[0].bias)), w2 * k2, mlp[2].bias)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
