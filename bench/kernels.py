@@ -1,6 +1,7 @@
 """Activation-sparse linear (sparsec's C++ kernel) vs ``F.linear``, cold weights.
 
     python bench/kernels.py [--threads 1] [--reps 25] [--quick] [--json out.json]
+    python bench/kernels.py --nm [--n 2 --m 4] ...      (the N:M compressed linear instead)
 
 For each weight shape (out x in), dtype, batch and sparsity s: x ~ N(0, 1), the threshold is
 the s-quantile of |x| (each row is s sparse; rows of a batch have independent masks, so a
@@ -10,6 +11,7 @@ and run interleaved (dense, sparse, dense, sparse, ...) in one process; medians 
 
 Columns: ``speedup`` = median F.linear time / median sparse time; ``ideal`` = 1 / (1 - s_read)
 where s_read is the fraction of weight rows the kernel skips (= s at batch 1); ``% ideal``.
+With ``--nm``: ``ideal`` = dense bytes / compressed bytes (values + packed positions).
 """
 
 from __future__ import annotations
@@ -63,17 +65,74 @@ def bench_cell(ext, ws, wts, x, t, reps):
     return statistics.median(dense), statistics.median(sparse)
 
 
+def bench_nm(a) -> list[dict]:
+    from sparsec.kernels import nm
+
+    rows = []
+    print(f"{'shape (out x in)':>18} {'dtype':>5} {'batch':>5} {'pattern':>7} {'dense ms':>9} {'nm ms':>9} "
+          f"{'speedup':>8} {'ideal':>6} {'% ideal':>7}")
+    g = torch.Generator().manual_seed(0)
+    shapes = SHAPES[:1] if a.quick else SHAPES
+    batches = [1] if a.quick else BATCHES
+    for (n_out, k_in) in shapes:
+        for dname, dtype in DTYPES.items():
+            w = (torch.randn(n_out, k_in, generator=g) / k_in**0.5).to(dtype)
+            keep = nm.nm_mask(w.abs(), a.n, a.m)
+            v, p = nm.pack(w, keep, a.n, a.m)
+            ws = copies(w, False)
+            nc = max(2, -(-COLD_BYTES // (v.numel() * v.element_size())))
+            packs = [(v.clone(), p.clone()) for _ in range(nc)]
+            ideal = (w.numel() * w.element_size()) / (v.numel() * v.element_size() + p.numel())
+            for b in batches:
+                x = torch.randn(b, k_in, generator=g).to(dtype)
+                got = torch.ops.sparsec.nm_linear(x, v, p, None, a.n, a.m, -1.0)
+                ref = F.linear(x, w * keep)
+                tol = 1e-3 if dtype == torch.float32 else 3e-2
+                assert torch.allclose(got.float(), ref.float(), atol=tol, rtol=tol), (n_out, k_in, dname, b)
+                dense, sparse = [], []
+                i = 0
+                for r in range(a.reps + 2):
+                    for which in (0, 1):
+                        i += 1
+                        t0 = time.perf_counter()
+                        if which == 0:
+                            F.linear(x, ws[i % len(ws)])
+                        else:
+                            vv, pp = packs[i % nc]
+                            torch.ops.sparsec.nm_linear(x, vv, pp, None, a.n, a.m, -1.0)
+                        dt = time.perf_counter() - t0
+                        if r >= 2:
+                            (dense if which == 0 else sparse).append(dt)
+                d, sp = statistics.median(dense), statistics.median(sparse)
+                rows.append(dict(shape=f"{n_out}x{k_in}", dtype=dname, batch=b, pattern=f"{a.n}:{a.m}",
+                                 dense_ms=d * 1e3, nm_ms=sp * 1e3, speedup=d / sp, ideal=ideal,
+                                 pct_ideal=100 * d / sp / ideal))
+                print(f"{n_out:>8}x{k_in:<9} {dname:>5} {b:>5} {a.n}:{a.m:<5} {d * 1e3:>9.3f} {sp * 1e3:>9.3f} "
+                      f"{d / sp:>7.2f}x {ideal:>5.2f}x {100 * d / sp / ideal:>6.0f}%", flush=True)
+            del ws, packs
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=25)
     ap.add_argument("--quick", action="store_true", help="first shape, batch 1 only")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--nm", action="store_true", help="benchmark the N:M compressed linear")
+    ap.add_argument("--n", type=int, default=2)
+    ap.add_argument("--m", type=int, default=4)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     ext = cpu.extension()
     info = cpu.build_info()
     print(f"# sparsec C++ kernels: {info}; threads={a.threads}; reps={a.reps}; torch {torch.__version__}")
+    if a.nm:
+        rows = bench_nm(a)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({"build": info, "threads": a.threads, "rows": rows}, f, indent=1)
+        return
     shapes = SHAPES[:1] if a.quick else SHAPES
     batches = [1] if a.quick else BATCHES
     rows = []

@@ -1,4 +1,4 @@
-"""SmolLM2 perplexity on the evaluation windows for the activation-sparsity recipes.
+"""SmolLM2 perplexity on the evaluation windows for the activation and N:M weight recipes.
 
     python bench/quality.py [--windows 8] [--length 512] [--json out.json]
 
@@ -19,13 +19,30 @@ from sparsec.evaluate import perplexity, sparse_model
 from sparsec.models.data import calibration_windows, evaluation_windows
 from sparsec.models.llama import smollm2
 
+def _at(**kw):
+    return {"activation_threshold": kw}
+
+
+def _nm(**kw):
+    return {"nm_weights": kw}
+
+
 RECIPES = {
-    "teal-25 uniform": {"mode": "teal", "sparsity": 0.25, "allocation": "uniform"},
-    "teal-40 uniform": {"mode": "teal", "sparsity": 0.40, "allocation": "uniform"},
-    "teal-50 uniform": {"mode": "teal", "sparsity": 0.50, "allocation": "uniform"},
-    "teal-40 greedy": {"mode": "teal", "sparsity": 0.40, "allocation": "greedy"},
-    "teal-50 greedy": {"mode": "teal", "sparsity": 0.50, "allocation": "greedy"},
-    "cats-50": {"mode": "cats", "sparsity": 0.50},
+    "teal-25 uniform": _at(mode="teal", sparsity=0.25, allocation="uniform"),
+    "teal-40 uniform": _at(mode="teal", sparsity=0.40, allocation="uniform"),
+    "teal-50 uniform": _at(mode="teal", sparsity=0.50, allocation="uniform"),
+    "teal-40 greedy": _at(mode="teal", sparsity=0.40, allocation="greedy"),
+    "teal-50 greedy": _at(mode="teal", sparsity=0.50, allocation="greedy"),
+    "cats-50": _at(mode="cats", sparsity=0.50),
+    "2:4 magnitude": _nm(n=2, m=4, method="magnitude"),
+    "2:4 wanda": _nm(n=2, m=4, method="wanda"),
+    "2:4 sparsegpt": _nm(n=2, m=4, method="sparsegpt"),
+    "4:8 wanda": _nm(n=4, m=8, method="wanda"),
+    "4:8 sparsegpt": _nm(n=4, m=8, method="sparsegpt"),
+    "50% wanda": _nm(structure="unstructured", sparsity=0.5, method="wanda"),
+    "50% sparsegpt": _nm(structure="unstructured", sparsity=0.5, method="sparsegpt"),
+    "2:4 sparsegpt + teal-40": {**_at(mode="teal", sparsity=0.40, allocation="greedy"),
+                                **_nm(n=2, m=4, method="sparsegpt")},
 }
 
 
@@ -41,17 +58,17 @@ def main() -> None:
     cal = calibration_windows(tok, 16, 128, batch=4)
     dense = perplexity(model, ev)
     rows = [{"recipe": "dense", "ppl": dense, "delta": 0.0, "seconds": 0.0}]
-    print(f"{'recipe':<18}{'ppl':>9}{'vs dense':>10}{'calib s':>9}", flush=True)
-    print(f"{'dense':<18}{dense:9.3f}{'':>10}", flush=True)
+    print(f"{'recipe':<26}{'ppl':>9}{'vs dense':>10}{'calib s':>9}", flush=True)
+    print(f"{'dense':<26}{dense:9.3f}{'':>10}", flush=True)
     for name, section in RECIPES.items():
         if a.only and name not in a.only:
             continue
         t = time.time()
-        plan = sparsec.calibrate(model, cal, {"name": name, "passes": {"activation_threshold": section}}, progress=False)
+        plan = sparsec.calibrate(model, cal, {"name": name, "passes": section}, progress=False)
         secs = time.time() - t
         ppl = perplexity(sparse_model(model, plan), ev)
         rows.append({"recipe": name, "ppl": ppl, "delta": ppl / dense - 1, "seconds": secs})
-        print(f"{name:<18}{ppl:9.3f}{ppl / dense - 1:+10.1%}{secs:9.0f}", flush=True)
+        print(f"{name:<26}{ppl:9.3f}{ppl / dense - 1:+10.1%}{secs:9.0f}", flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"windows": a.windows, "length": a.length, "rows": rows}, f, indent=1)

@@ -128,3 +128,10 @@ def nm_linear(x, values, positions, bias, n, m, threshold):
 @torch.library.register_fake("sparsec::nm_linear", lib=_lib)
 def _(x, values, positions, bias, n, m, threshold):
     return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+
+@torch.library.impl(_lib, "nm_linear", "CUDA")
+def _(x, values, positions, bias, n, m, threshold):
+    from . import triton_gen
+
+    return triton_gen.nm_linear_cuda(x, values, positions, bias, n, m, threshold)

@@ -85,7 +85,7 @@ def _interpret() -> bool:
 class SiteSpec:
     """What a generated kernel module is specialised for."""
 
-    op: str  # "sparse_linear" | "sparse_cats_mlp"
+    op: str  # "sparse_linear" | "sparse_cats_mlp" | "nm_linear"
     dtype: torch.dtype
     k: int  # input features (linear) / hidden size (CATS)
     n: int  # output features (linear) / hidden size out (CATS)
@@ -94,11 +94,14 @@ class SiteSpec:
     has_residual: bool = False
     up_bias: bool = False
     activation: str = ""
+    nm: tuple[int, int] = (0, 0)  # nm_linear: keep nm[0] of every nm[1]
 
     @property
     def name(self) -> str:
         dt = str(self.dtype).split(".")[-1]
         parts = [self.op, dt, f"k{self.k}", f"n{self.n}"]
+        if self.nm[1]:
+            parts.append(f"{self.nm[0]}of{self.nm[1]}")
         if self.inter:
             parts.append(f"i{self.inter}")
         if self.has_bias:
@@ -194,6 +197,38 @@ def cats_up(X, G, WUP, BUP, HOUT, B, t, stride_xb, stride_gb, BLOCK_B: tl.conste
 '''
 
 
+_NM = '''
+
+@triton.autotune(configs=[{configs}], key=["B"], reset_to_zero=["ACC"])
+@triton.jit
+def nm_gemv(X, VALS, POS, ACC, B, t, stride_xb, BLOCK_O: tl.constexpr, BLOCK_V: tl.constexpr):
+    # ACC[b, o] += sum_v VALS[o, v] * s_t(X)[b, (v // {n}) * {m} + pos(o, v)] over this program's
+    # values; {n}:{m}, {bits} bits per position, K={k}, O={out}, {kept} values and {pbytes} bytes per row
+    pid_o = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    omask = offs_o < {out}
+    vmask = offs_v < {kept}
+    m2 = omask[:, None] & vmask[None, :]
+    w = tl.load(VALS + offs_o[:, None] * {kept} + offs_v[None, :], mask=m2, other=0.0).to(tl.float32)
+    byte = tl.load(POS + offs_o[:, None] * {pbytes} + (offs_v[None, :] * {bits}) // 8, mask=m2, other=0).to(tl.int32)
+    pos = (byte >> ((offs_v[None, :] * {bits}) % 8)) & {pmask}
+    k = (offs_v[None, :] // {n}) * {m} + pos
+    for b in range(0, B):
+        x = tl.load(X + b * stride_xb + k, mask=m2, other=0.0).to(tl.float32)
+        if {thresholded}:
+            x = tl.where((~(tl.abs(x) <= t)) & m2, x, 0.0)
+        tl.atomic_add(ACC + b * {out} + offs_o, tl.sum(w * x, axis=1), mask=omask)
+'''
+
+NM_CONFIGS = {  # (BLOCK_O, BLOCK_V, num_warps, num_stages)
+    9: [(64, 256, 4, 3), (128, 128, 4, 3), (32, 512, 4, 3)],
+    8: [(64, 128, 4, 2), (32, 256, 4, 2)],
+    "interpret": [(32, 64, 4, 1)],
+}
+
+
 def _configs(table: dict, names: tuple[str, str], arch) -> str:
     rows = table[arch]
     return ", ".join(
@@ -216,6 +251,18 @@ def render(spec: SiteSpec, arch=None) -> str:
     if arch is None:
         arch = "interpret" if _interpret() else _cuda_arch()
     src = _HEADER.format(name=spec.name, dt=_TL_DTYPE[spec.dtype])
+    if spec.op == "nm_linear":
+        from .nm import bits_for
+
+        n, m = spec.nm
+        bits = bits_for(m)
+        kept = spec.k // m * n
+        pbytes = -(-(-(-kept * bits // 8)) // 4) * 4
+        src += _NM.format(configs=_configs(NM_CONFIGS, ("BLOCK_O", "BLOCK_V"), arch), n=n, m=m, bits=bits,
+                          pmask=(1 << bits) - 1, k=spec.k, out=spec.n, kept=kept, pbytes=pbytes,
+                          thresholded=spec.activation == "threshold")
+        src += _EPILOGUE.format(n=spec.n, has_bias=spec.has_bias, has_residual=spec.has_residual)
+        return src
     if spec.op == "sparse_cats_mlp":
         src += _CATS_UP.format(configs=_configs(CATS_CONFIGS, ("BLOCK_J", "BLOCK_H"), arch), k=spec.k,
                                inter=spec.inter, act=_ACT[spec.activation], up_bias=spec.up_bias,
@@ -357,6 +404,32 @@ def sparse_cats_mlp_cuda(x, gate_weight, gate_bias, up_weight, up_bias, down_wei
     return y.reshape(*x.shape[:-1], n)
 
 
+def nm_linear_cuda(x, values, positions, bias, n, m, threshold, residual=None):
+    """``sparsec::nm_linear`` on CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``).
+
+    Decode sizes only (<= 16 tokens): at larger batch the op uses the dense path, where
+    cuSPARSELt/CUTLASS 2:4 (``to_sparse_semi_structured``) would be the kernel to route to."""
+    from . import nm
+
+    k = x.shape[-1]
+    rows = x.numel() // max(k, 1)
+    if rows == 0 or rows > MAX_BATCH or x.dtype not in _TL_DTYPE or not available():
+        y = nm.nm_linear_reference(x, values, positions, bias, n, m, threshold)
+        return y if residual is None else y + residual
+    out_f, kept = values.shape
+    spec = SiteSpec("nm_linear", x.dtype, k, out_f, has_bias=bias is not None, has_residual=residual is not None,
+                    nm=(n, m), activation="threshold" if threshold >= 0 else "")
+    mod = generate(spec)
+    x2 = x.reshape(-1, k).contiguous()
+    acc = torch.zeros((x2.shape[0], out_f), dtype=torch.float32, device=x.device)
+    grid = lambda meta: (triton_cdiv(out_f, meta["BLOCK_O"]), triton_cdiv(kept, meta["BLOCK_V"]))  # noqa: E731
+    mod.nm_gemv[grid](x2, values.contiguous(), positions.contiguous(), acc, x2.shape[0], float(threshold),
+                      x2.stride(0))
+    res = residual.reshape(-1, out_f).contiguous() if residual is not None else None
+    y = _epilogue(mod, acc, bias.contiguous() if bias is not None else None, res, x.dtype)
+    return y.reshape(*x.shape[:-1], out_f)
+
+
 # ---- ahead-of-time compilation (CI checks every kernel for real GPUs without one) ---------
 
 
@@ -367,6 +440,10 @@ def _signatures(spec: SiteSpec) -> dict[str, dict[str, str]]:
                         "BLOCK_B": "constexpr", "BLOCK_K": "constexpr", "BLOCK_N": "constexpr"},
         "epilogue": {"ACC": "*fp32", "BIAS": p, "RES": p, "Y": p, "total": "i32", "BLOCK": "constexpr"},
     }
+    if spec.op == "nm_linear":
+        del sigs["sparse_gemv"]
+        sigs["nm_gemv"] = {"X": p, "VALS": p, "POS": "*u8", "ACC": "*fp32", "B": "i32", "t": "fp32",
+                           "stride_xb": "i32", "BLOCK_O": "constexpr", "BLOCK_V": "constexpr"}
     if spec.op == "sparse_cats_mlp":
         sigs["cats_up"] = {"X": p, "G": p, "WUP": p, "BUP": p, "HOUT": p, "B": "i32", "t": "fp32",
                            "stride_xb": "i32", "stride_gb": "i32", "BLOCK_B": "constexpr", "BLOCK_J": "constexpr",
@@ -396,6 +473,9 @@ def aot_compile(spec: SiteSpec, capability: int) -> dict[str, list[bytes]]:
             if kname == "sparse_gemv":
                 cfgs = [({"BLOCK_N": a, "BLOCK_K": b}, w, s) for a, b, w, s in CONFIGS[arch]]
                 base = {"BLOCK_B": MAX_BATCH}
+            elif kname == "nm_gemv":
+                cfgs = [({"BLOCK_O": a, "BLOCK_V": b}, w, s) for a, b, w, s in NM_CONFIGS[arch]]
+                base = {}
             elif kname == "cats_up":
                 cfgs = [({"BLOCK_J": a, "BLOCK_H": b}, w, s) for a, b, w, s in CATS_CONFIGS[arch]]
                 base = {"BLOCK_B": MAX_BATCH}

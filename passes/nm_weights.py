@@ -310,8 +310,8 @@ class NMWeights(Pass):
                     raise PlanError(f"the plan has no compressed weights for site {s.key!r}")
                 dtype = ctx.val(w).dtype
                 vals = vals.to(dtype)
-                va = _constant(ctx, f"{s.key}.values", vals)
-                pa = _constant(ctx, f"{s.key}.positions", pos)
+                va = _constant(ctx, f"{s.key}.values", vals, old)
+                pa = _constant(ctx, f"{s.key}.positions", pos, old)
                 with graph.inserting_before(old):
                     new = graph.call_function(torch.ops.sparsec.nm_linear.default,
                                               (x, va, pa, b, int(e["n"]), int(e["m"]), -1.0 if t is None else t))
@@ -319,7 +319,7 @@ class NMWeights(Pass):
                 wt = plan.tensors.get(f"{s.key}.weight")
                 if wt is None:
                     raise PlanError(f"the plan has no pruned weight for site {s.key!r}")
-                wa = _constant(ctx, f"{s.key}.weight", wt.to(ctx.val(w).dtype))
+                wa = _constant(ctx, f"{s.key}.weight", wt.to(ctx.val(w).dtype), old)
                 with graph.inserting_before(old):
                     if t is None:
                         new = graph.call_function(aten.linear.default, (x, wa, b))
@@ -346,7 +346,7 @@ def _recorder(stats: dict, hessian: bool):
     return sparsec_nm_record
 
 
-def _constant(ctx: GraphContext, key: str, value: torch.Tensor) -> fx.Node:
+def _constant(ctx: GraphContext, key: str, value: torch.Tensor, like: fx.Node | None = None) -> fx.Node:
     """A ``get_attr`` node for a plan tensor, placed on the graph module (export lifts it)."""
     gm = ctx.gm
     name = "_sparsec_" + "".join(c if c.isalnum() else "_" for c in key)
@@ -357,6 +357,8 @@ def _constant(ctx: GraphContext, key: str, value: torch.Tensor) -> fx.Node:
     with gm.graph.inserting_before(first):
         node = gm.graph.get_attr(name)
     node.meta["val"] = getattr(gm, name)
+    # torch.export's constant lifting reads the module stack of every constant it lifts
+    node.meta["nn_module_stack"] = dict(like.meta.get("nn_module_stack", {})) if like is not None else {}
     return node
 
 

@@ -53,4 +53,22 @@ def export(
         result = run_pipeline(ctx, recipe_obj, plan, on_plugin_error=on_plugin_error)
     if not result.modified:
         warnings.warn("sparsec.export: no pass matched; the program is the dense export", SparsecNotice, stacklevel=2)
+    _lift_constants(ep)
     return ep
+
+
+def _lift_constants(ep: torch.export.ExportedProgram) -> None:
+    """Tensors a pass added as ``get_attr`` constants (a plan's compressed weights) become
+    lifted constant inputs of the program, as torch.export itself does with tensor constants,
+    so the program is self-contained (``ep.constants``, ``torch.export.save``)."""
+    gm = ep.graph_module
+    if not any(n.op == "get_attr" and n.target.startswith("_sparsec_") for n in gm.graph.nodes):
+        return
+    from torch._export.passes.lift_constants_pass import ConstantAttrMap, lift_constants_pass
+
+    lifted = lift_constants_pass(gm, ep.graph_signature, ConstantAttrMap())
+    ep._constants.update(lifted)
+    for name in list(lifted):
+        if hasattr(gm, name):
+            delattr(gm, name)
+    gm.recompile()

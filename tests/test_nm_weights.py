@@ -185,6 +185,10 @@ def test_compile_and_export_2of4(tiny, tiny_batches, method, tmp_path):
         ep = sparsec.export(tiny, (x,), plan=plan)
         exported = ep.module()(x).logits
     assert sum("sparsec.nm_linear" in str(n.target) for n in ep.graph.nodes) == 14
+    # the compressed weights are lifted constants of the program: it saves and loads whole
+    assert sum("lifted_tensor" in k for k in ep.constants) == 28  # values + positions per site
+    torch.export.save(ep, tmp_path / "ep.pt2")
+    torch.testing.assert_close(torch.export.load(tmp_path / "ep.pt2").module()(x).logits, exported)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(exported, ref, atol=1e-4, rtol=1e-4)
     assert state_hash(tiny) == before

@@ -94,6 +94,20 @@ def test_cats_interpreted(interpret, dtype, act):
     _close(got, ref, dtype, scale=4.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,m,t", [(2, 4, -1.0), (2, 4, 0.5), (4, 8, -1.0), (1, 4, 0.3)])
+def test_nm_linear_interpreted(interpret, dtype, n, m, t):
+    from sparsec.kernels import nm
+
+    g = torch.Generator().manual_seed(m)
+    w = (torch.randn(67, 96, generator=g) / 10).to(dtype)
+    keep = nm.nm_mask(w.abs(), n, m)
+    v, p = nm.pack(w, keep, n, m)
+    x = torch.randn(3, 96, generator=g).to(dtype)
+    b = torch.randn(67, generator=g).to(dtype)
+    _close(tg.nm_linear_cuda(x, v, p, b, n, m, t), nm.nm_linear_reference(x, v, p, b, n, m, t), dtype)
+
+
 def test_generated_source_is_specialised_and_dumped(interpret, monkeypatch, tmp_path):
     monkeypatch.setenv("SPARSEC_DEBUG", str(tmp_path / "dbg"))
     spec = tg.SiteSpec("sparse_linear", torch.bfloat16, 1000, 4099, has_bias=True)
@@ -111,6 +125,7 @@ specs = [
     (tg.SiteSpec("sparse_linear", torch.bfloat16, 1000, 4099, has_bias=True, has_residual=True), (80, 90)),
     (tg.SiteSpec("sparse_linear", torch.float16, 576, 1536), (90,)),
     (tg.SiteSpec("sparse_cats_mlp", torch.bfloat16, 576, 576, inter=1536, activation="silu"), (80, 90)),
+    (tg.SiteSpec("nm_linear", torch.bfloat16, 4096, 11008, nm=(2, 4), activation="threshold"), (80, 90)),
 ]
 out = []
 for spec, ccs in specs:
@@ -133,10 +148,16 @@ def test_aot_cubin(tmp_path):
     assert [(o["name"].split("_cuda")[0], o["cc"]) for o in out] == [
         ("sparse_linear_bfloat16_k1000_n4099_bias_res", 80), ("sparse_linear_bfloat16_k1000_n4099_bias_res", 90),
         ("sparse_linear_float16_k576_n1536", 90),
-        ("sparse_cats_mlp_bfloat16_k576_n576_i1536", 80), ("sparse_cats_mlp_bfloat16_k576_n576_i1536", 90)]
+        ("sparse_cats_mlp_bfloat16_k576_n576_i1536", 80), ("sparse_cats_mlp_bfloat16_k576_n576_i1536", 90),
+        ("nm_linear_bfloat16_k4096_n11008_2of4", 80), ("nm_linear_bfloat16_k4096_n11008_2of4", 90)]
     for o in out:
-        expect = {"sparse_gemv", "epilogue"} | ({"cats_up"} if "cats" in o["name"] else set())
-        assert set(o["kernels"]) == expect
-        assert len(o["kernels"]["sparse_gemv"]) == len(tg.CONFIGS[9 if o["cc"] >= 90 else 8])
+        arch = 9 if o["cc"] >= 90 else 8
+        if "nm_linear" in o["name"]:
+            assert set(o["kernels"]) == {"nm_gemv", "epilogue"}
+            assert len(o["kernels"]["nm_gemv"]) == len(tg.NM_CONFIGS[arch])
+        else:
+            expect = {"sparse_gemv", "epilogue"} | ({"cats_up"} if "cats" in o["name"] else set())
+            assert set(o["kernels"]) == expect
+            assert len(o["kernels"]["sparse_gemv"]) == len(tg.CONFIGS[arch])
         for kname, heads in o["kernels"].items():
             assert heads and all(h == "7f454c46" for h in heads), (o["name"], kname)  # ELF cubins
