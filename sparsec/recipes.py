@@ -215,7 +215,20 @@ _BUILTIN = {
 }
 
 
+_NM_BUILTIN = {
+    "magnitude-24": ("2:4 weights by magnitude (no calibration data used)", {"n": 2, "m": 4, "method": "magnitude"}),
+    "wanda-24": ("2:4 weights, Wanda scores |W| ||X||", {"n": 2, "m": 4, "method": "wanda"}),
+    "sparsegpt-24": ("2:4 weights, SparseGPT (OBS updates, block by block)", {"n": 2, "m": 4, "method": "sparsegpt"}),
+}
+
+
 @hookimpl
 def sparsec_register_recipes(register):
     for name, (desc, section) in _BUILTIN.items():
         register(name, {"passes": {"activation_threshold": section}}, description=desc)
+    for name, (desc, section) in _NM_BUILTIN.items():
+        register(name, {"passes": {"nm_weights": section}}, description=desc)
+    register("sparsegpt-24-teal-40",
+             {"passes": {"nm_weights": _NM_BUILTIN["sparsegpt-24"][1],
+                         "activation_threshold": _BUILTIN["teal-40"][1]}},
+             description="2:4 SparseGPT weights and TEAL 40% inputs, fused into one op per linear")
