@@ -101,16 +101,7 @@ def _linear_parts(ctx: GraphContext, node: Any):
     """``(x, weight_node, bias_node)`` if ``node`` is a linear with a 2-D parameter weight."""
     if not isinstance(node, fx.Node) or node.op != "call_function" or node.target is not aten.linear.default:
         return None
-    x, w = node.args[0], node.args[1]
-    b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    if ctx.param_name(w) is None:
-        return None
-    val = ctx.val(w)
-    if val is None or val.dim() != 2:
-        return None
-    if b is not None and ctx.param_name(b) is None:
-        return None
-    return x, w, b
+    return ctx.linear_args(node)
 
 
 def _shape(ctx, node) -> list[int]:

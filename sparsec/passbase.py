@@ -58,6 +58,18 @@ class GraphContext:
     def val(node: fx.Node):
         return node.meta.get("val", node.meta.get("example_value"))
 
+    def linear_args(self, node: fx.Node) -> tuple | None:
+        """``(x, weight, bias)`` of a linear-like call whose weight is a 2-D parameter and whose
+        bias, if any, is a parameter too; ``None`` otherwise."""
+        x, w = node.args[0], node.args[1]
+        b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if self.param_name(w) is None:
+            return None
+        v = self.val(w)
+        if v is None or v.dim() != 2 or (b is not None and self.param_name(b) is None):
+            return None
+        return x, w, b
+
 
 @dataclass
 class Site:
