@@ -63,6 +63,9 @@ def main() -> None:
     for name, section in RECIPES.items():
         if a.only and name not in a.only:
             continue
+        # each recipe compiles the model twice (calibration probe, evaluation): without a reset
+        # dynamo reaches its recompile limit (8) and silently runs later recipes eagerly, dense
+        torch._dynamo.reset()
         t = time.time()
         plan = sparsec.calibrate(model, cal, {"name": name, "passes": section}, progress=False)
         secs = time.time() - t
