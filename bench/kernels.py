@@ -73,7 +73,7 @@ def bench_nm(a) -> list[dict]:
           f"{'speedup':>8} {'ideal':>6} {'% ideal':>7}")
     g = torch.Generator().manual_seed(0)
     shapes = SHAPES[:1] if a.quick else SHAPES
-    batches = [1] if a.quick else BATCHES
+    batches = a.batches or ([1] if a.quick else BATCHES)
     for (n_out, k_in) in shapes:
         for dname, dtype in DTYPES.items():
             w = (torch.randn(n_out, k_in, generator=g) / k_in**0.5).to(dtype)
@@ -120,9 +120,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="first shape, batch 1 only")
     ap.add_argument("--json", default=None)
     ap.add_argument("--nm", action="store_true", help="benchmark the N:M compressed linear")
+    ap.add_argument("--batches", type=int, nargs="*", default=None, help="only these batch sizes")
+    ap.add_argument("--dtypes", nargs="*", default=None, choices=list(DTYPES), help="only these dtypes")
     ap.add_argument("--n", type=int, default=2)
     ap.add_argument("--m", type=int, default=4)
     a = ap.parse_args()
+    if a.dtypes:
+        for d in list(DTYPES):
+            if d not in a.dtypes:
+                del DTYPES[d]
     torch.set_num_threads(a.threads)
     ext = cpu.extension()
     info = cpu.build_info()
@@ -134,7 +140,7 @@ def main() -> None:
                 json.dump({"build": info, "threads": a.threads, "rows": rows}, f, indent=1)
         return
     shapes = SHAPES[:1] if a.quick else SHAPES
-    batches = [1] if a.quick else BATCHES
+    batches = a.batches or ([1] if a.quick else BATCHES)
     rows = []
     print(f"{'shape (out x in)':>18} {'dtype':>5} {'batch':>5} {'s':>4} {'s_read':>6} {'dense ms':>9} "
           f"{'sparse ms':>9} {'speedup':>8} {'ideal':>6} {'% ideal':>7} {'dense GB/s':>10}")
