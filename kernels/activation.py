@@ -109,11 +109,11 @@ def sparse_cats_mlp_reference(
 # loads it), the unprepared ops, and machines where it could not be built.
 
 
-def _sparse_linear_cpu(x, weight_t, bias, threshold):
+def _sparse_linear_cpu(x, weight_t, bias, threshold, weight=None):
     ext = cpu.extension()
     if ext is None:
         return sparse_linear_reference(x, weight_t, bias, threshold)
-    return ext.sparse_linear_op(x, weight_t, bias, threshold)
+    return ext.sparse_linear_op(x, weight_t, bias, threshold, weight)
 
 
 def _cats_cpu(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation):
@@ -161,7 +161,7 @@ def threshold_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, threshold: float
 ) -> torch.Tensor:
     if _cpu_kernel_ok(x, weight, bias):
-        return _sparse_linear_cpu(x, transposed(weight), bias, threshold)
+        return _sparse_linear_cpu(x, transposed(weight), bias, threshold, weight)
     return threshold_linear_reference(x, weight, bias, threshold)
 
 
@@ -202,7 +202,9 @@ def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias, thr
 # adds a Python autograd layer in front of every call (measured: 40-60 us per call), and the
 # C++ CPU kernel registered for them must be reached without Python.
 _lib = torch.library.Library("sparsec", "FRAGMENT")
-_lib.define("sparse_linear(Tensor x, Tensor weight_t, Tensor? bias, float threshold) -> Tensor")
+# ``weight``: optionally the original [out, in] weight, which the dense paths (prefill, a
+# batch whose active inputs cover nearly everything) use for MKL's faster layout
+_lib.define("sparse_linear(Tensor x, Tensor weight_t, Tensor? bias, float threshold, Tensor? weight=None) -> Tensor")
 _lib.define(
     "sparse_cats_mlp(Tensor x, Tensor gate_weight, Tensor? gate_bias, Tensor up_weight, Tensor? up_bias, "
     "Tensor down_weight_t, Tensor? down_bias, float threshold, str activation) -> Tensor"
@@ -210,15 +212,15 @@ _lib.define(
 
 
 @torch.library.impl(_lib, "sparse_linear", "CompositeExplicitAutograd")
-def sparse_linear(x, weight_t, bias, threshold):
+def sparse_linear(x, weight_t, bias, threshold, weight=None):
     """``W s_t(x) + b`` with the prepared weight ``weight_t = W^T`` (``[in, out]``)."""
     if x.device.type == "cpu":
-        return _sparse_linear_cpu(x, weight_t, bias, threshold)  # loads (and registers) the C++ kernel
+        return _sparse_linear_cpu(x, weight_t, bias, threshold, weight)  # loads (and registers) the C++ kernel
     return sparse_linear_reference(x, weight_t, bias, threshold)
 
 
 @torch.library.register_fake("sparsec::sparse_linear", lib=_lib)
-def _(x, weight_t, bias, threshold):
+def _(x, weight_t, bias, threshold, weight=None):
     return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
 
 
@@ -245,7 +247,7 @@ def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, t
 
 
 @torch.library.impl(_lib, "sparse_linear", "CUDA")
-def _(x, weight_t, bias, threshold):
+def _(x, weight_t, bias, threshold, weight=None):
     from . import triton_gen
 
     return triton_gen.sparse_linear_cuda(x, weight_t, bias, threshold)

@@ -122,6 +122,8 @@ def lower(ctx: GraphContext) -> list[Prepared]:
         attr, prep = prepared([(fqn, real)])
         args = list(node.args)
         args[idx] = get_attr(attr, node)
+        if twin == "sparse_linear":
+            args.append(node.args[1])  # the original weight, for the dense paths (prefill)
         with graph.inserting_before(node):
             new = graph.call_function(getattr(torch.ops.sparsec, twin).default, tuple(args), dict(node.kwargs))
         new.meta.update(node.meta)
@@ -138,7 +140,9 @@ def lower(ctx: GraphContext) -> list[Prepared]:
         with graph.inserting_before(first):
             g = graph.get_attr(attr)
             g.meta["val"] = prep.buffer
-            fused = graph.call_function(torch.ops.sparsec.sparse_linear.default, (x, g, None, t))
+            # a lone linear also passes its original weight, for the dense paths (prefill)
+            orig = members[0][0].args[1] if len(members) == 1 else None
+            fused = graph.call_function(torch.ops.sparsec.sparse_linear.default, (x, g, None, t, orig))
         fused.meta.update(first.meta)
         for (node, fqn, w), (_, _, c0, c1, _) in zip(members, prep.sources):
             if len(members) == 1:

@@ -267,7 +267,8 @@ void check2d(const torch::Tensor& t, const char* name) {
               " must be a contiguous 2-D CPU tensor, got shape ", t.sizes(), " strides ", t.strides());
 }
 
-torch::Tensor sparse_linear(torch::Tensor x, torch::Tensor wt, c10::optional<torch::Tensor> bias, double thr) {
+torch::Tensor sparse_linear(torch::Tensor x, torch::Tensor wt, c10::optional<torch::Tensor> bias, double thr,
+                            c10::optional<torch::Tensor> weight) {
   check2d(x, "x");
   check2d(wt, "weight_t");
   TORCH_CHECK(x.size(1) == wt.size(0), "sparsec sparse_linear: x has ", x.size(1), " features, weight_t has ",
@@ -283,6 +284,9 @@ torch::Tensor sparse_linear(torch::Tensor x, torch::Tensor wt, c10::optional<tor
     auto active = x.abs().gt(thr).logical_or(x.isnan()).any(0).sum().item<int64_t>();
     if (active > (K * 9) / 10) {
       auto xs = at::where(x.abs().gt(thr).logical_or(x.isnan()), x, at::zeros({}, x.options()));
+      // the original [out, in] weight when the graph passes it: MKL on the transposed copy
+      // (x @ Wt) measured ~10% slower than F.linear's x @ W^T at batch 16
+      if (weight) return at::linear(xs, *weight, bias);
       return bias ? at::addmm(*bias, xs, wt) : at::mm(xs, wt);
     }
   }
@@ -354,13 +358,14 @@ std::vector<int64_t> out_sizes(const at::Tensor& x, int64_t n) {
 }
 
 at::Tensor sparse_linear_op(const at::Tensor& x, const at::Tensor& wt, const c10::optional<at::Tensor>& bias,
-                            double thr) {
+                            double thr, const c10::optional<at::Tensor>& weight) {
   const int64_t K = x.size(-1), rows = K ? x.numel() / K : 0;
   TORCH_CHECK(wt.dim() == 2 && wt.size(0) == K, "sparsec::sparse_linear: weight_t must be [", K, ", out], got ",
               wt.sizes());
-  if (!kernel_ok(x, {&wt, bias ? &*bias : nullptr}, rows)) return at::linear(threshold_ref(x, thr), wt.t(), bias);
+  if (!kernel_ok(x, {&wt, bias ? &*bias : nullptr}, rows))  // prefill: GEMM, on the original layout if given
+    return at::linear(threshold_ref(x, thr), weight ? *weight : wt.t(), bias);
   auto y = sparse_linear(x.reshape({rows, K}).contiguous(), wt.contiguous(),
-                         bias ? c10::optional<at::Tensor>(bias->contiguous()) : c10::nullopt, thr);
+                         bias ? c10::optional<at::Tensor>(bias->contiguous()) : c10::nullopt, thr, weight);
   return y.view(out_sizes(x, wt.size(1)));
 }
 
@@ -402,9 +407,11 @@ void register_ops() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("sparse_linear", &sparse_linear, "y = s_t(x) Wt + b on 2-D inputs, reading only active rows of Wt");
+  m.def("sparse_linear", &sparse_linear, "y = s_t(x) Wt + b on 2-D inputs, reading only active rows of Wt",
+        py::arg("x"), py::arg("weight_t"), py::arg("bias"), py::arg("threshold"), py::arg("weight") = py::none());
   m.def("cats_mlp", &cats_mlp, "CATS MLP on 2-D inputs, reading only active rows of Wup and of Wdown^T");
-  m.def("sparse_linear_op", &sparse_linear_op, "sparsec::sparse_linear's CPU kernel (any shape, with fallbacks)");
+  m.def("sparse_linear_op", &sparse_linear_op, "sparsec::sparse_linear's CPU kernel (any shape, with fallbacks)",
+        py::arg("x"), py::arg("weight_t"), py::arg("bias"), py::arg("threshold"), py::arg("weight") = py::none());
   m.def("sparse_cats_mlp_op", &sparse_cats_mlp_op, "sparsec::sparse_cats_mlp's CPU kernel");
   m.def("register_ops", &register_ops, "register the ops above as the CPU kernels of the sparsec ops");
   m.def("nm_linear", &sparsec_nm_linear, "N:M compressed linear on 2-D inputs (<= 16 rows)");
