@@ -346,8 +346,7 @@ def greedy_allocation(
     result: dict[str, float] = {}
     target = config.sparsity
     show = getattr(scorer, "progress", True)
-    order = list(blocks)
-    for bi, block in enumerate(tqdm(order, desc="sparsec greedy allocation", unit="block", leave=False, disable=not show)):
+    for block in tqdm(list(blocks), desc="sparsec greedy allocation", unit="block", leave=False, disable=not show):
         groups = blocks[block]
         size = {g: sum(s.weight_bytes for s in members) for g, members in groups.items()}
         total = sum(size.values())
@@ -376,9 +375,6 @@ def greedy_allocation(
             sp[best] += step / w[best]
             avg = sum(w[g] * sp[g] for g in groups)
         result.update(sp)
-        advance = getattr(scorer, "advance", None)
-        if advance is not None:
-            advance(block, order[bi + 1] if bi + 1 < len(order) else None, thresholds(sp))
     return result
 
 

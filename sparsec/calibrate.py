@@ -100,38 +100,13 @@ class _BlockScorer:
         with torch.no_grad():
             return first_tensor(mod(*args, **kwargs)).float()
 
-    def _hooks(self, thresholds: dict[str, float]) -> list:
+    def __call__(self, block: str, thresholds: dict[str, float]) -> float:
         hooks = []
         for key, t in thresholds.items():
             if t <= 0:
                 continue
             hooks.append(self.model.get_submodule(key).register_forward_pre_hook(
                 lambda m, a, t=t: (self._thr(a[0], t), *a[1:])))
-        return hooks
-
-    def advance(self, block: str, nxt: str | None, thresholds: dict[str, float]) -> None:
-        """Feed ``nxt`` the outputs of ``block`` under its chosen ``thresholds``, so the next
-        block is scored on the inputs the sparse model will really give it."""
-        if not nxt or nxt not in self.inputs:
-            return
-        mod = self.model.get_submodule(block) if block else self.model
-        hooks = self._hooks(thresholds)
-        new = []
-        try:
-            with torch.no_grad():
-                for (a, k), (na, nk) in zip(self.inputs[block], self.inputs[nxt]):
-                    out = first_tensor(mod(*a, **k))
-                    if not (na and isinstance(na[0], torch.Tensor) and na[0].shape == out.shape):
-                        return  # not a plain chain of blocks: keep the dense inputs
-                    new.append(((out, *na[1:]), nk))
-        finally:
-            for h in hooks:
-                h.remove()
-        self.inputs[nxt] = new
-        self.dense[nxt] = [self._run(nxt, a, k) for a, k in new]
-
-    def __call__(self, block: str, thresholds: dict[str, float]) -> float:
-        hooks = self._hooks(thresholds)
         try:
             num = den = 0.0
             for (a, k), ref in zip(self.inputs[block], self.dense[block]):
