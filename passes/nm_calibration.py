@@ -7,6 +7,7 @@ modified: SparseGPT prunes a deep copy of one transformer block at a time.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import torch
@@ -17,7 +18,7 @@ __all__ = ["calibrate_nm"]
 
 
 class _Stop(Exception):
-    pass
+    """Raised by the first block's pre-hook: its inputs are all SparseGPT needs from a forward."""
 
 
 def _linear(model, s):
@@ -126,7 +127,7 @@ def calibrate_nm(pass_, model, sites, cfg, batches, progress):
     finally:
         h.remove()
     for b in tqdm(blocks, desc="sparsec sparsegpt", unit="block", leave=False, disable=not progress):
-        blk = copy_block(model.get_submodule(b))
+        blk = copy.deepcopy(model.get_submodule(b))  # prune a copy: the user's model stays as it is
         mods = {s.key: blk.get_submodule(s.group[len(b) + 1:]) for s in by_block[b]}
         acc, hooks = {}, []
         for key, mod in mods.items():
@@ -158,10 +159,3 @@ def calibrate_nm(pass_, model, sites, cfg, batches, progress):
             inputs = nxt
         del blk
     return entries, tensors
-
-
-def copy_block(mod: torch.nn.Module) -> torch.nn.Module:
-    import copy
-
-    return copy.deepcopy(mod)
-

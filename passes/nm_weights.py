@@ -327,8 +327,8 @@ class NMWeights(Pass):
                                             (x, va, pa, b, n, m, -1.0 if t is None else t))
             fused.meta.update(first.meta)
             row = 0
-            for _, old, *_rest in members:
-                rows = _rest[3].shape[0]
+            for _, old, _, _, member_vals, *_ in members:
+                rows = member_vals.shape[0]
                 if len(members) == 1:
                     out = fused
                 else:

@@ -135,7 +135,7 @@ def lower(ctx: GraphContext) -> list[Prepared]:
             triton_gen.prepare_site(twin, new, prep.buffer)
 
     for (x, t), members in groups.items():
-        first = min((m[0] for m in members), key=lambda n: list(graph.nodes).index(n))
+        first = members[0][0]  # members were collected in graph order
         attr, prep = prepared([(f, w) for _, f, w in members])
         with graph.inserting_before(first):
             g = graph.get_attr(attr)

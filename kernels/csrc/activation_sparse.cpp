@@ -281,9 +281,9 @@ torch::Tensor sparse_linear(torch::Tensor x, torch::Tensor wt, c10::optional<tor
     // fp32 at 8+ rows: when the rows' active channels together cover nearly all inputs, MKL's
     // GEMM beats streaming rows (bench/kernels.py, batch 16, s_read ~0: 0.86-0.98x dense;
     // s_read 0.19: 1.7x): take the dense path above 90% union density
-    auto active = x.abs().gt(thr).logical_or(x.isnan()).any(0).sum().item<int64_t>();
-    if (active > (K * 9) / 10) {
-      auto xs = at::where(x.abs().gt(thr).logical_or(x.isnan()), x, at::zeros({}, x.options()));
+    auto keep = x.abs().gt(thr).logical_or(x.isnan());
+    if (keep.any(0).sum().item<int64_t>() > (K * 9) / 10) {
+      auto xs = at::where(keep, x, at::zeros({}, x.options()));
       // the original [out, in] weight when the graph passes it: MKL on the transposed copy
       // (x @ Wt) measured ~10% slower than F.linear's x @ W^T at batch 16
       if (weight) return at::linear(xs, *weight, bias);
