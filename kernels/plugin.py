@@ -36,3 +36,11 @@ def sparsec_register_kernels(register):
         reference=nm.nm_linear_reference,
         description="N:M compressed weights (values + packed positions), optional TEAL threshold",
     )
+
+
+@hookimpl
+def sparsec_register_onnx_translations(register):
+    from . import onnx_translations
+
+    for name, fn in onnx_translations.TRANSLATIONS.items():
+        register(getattr(torch.ops.sparsec, name).default, fn)

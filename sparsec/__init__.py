@@ -3,6 +3,7 @@
     compiled = torch.compile(model, backend="sparsec", options={"recipe": "teal-40"})
     plan = sparsec.calibrate(model, batches, recipe="teal-50"); plan.save("m.sparsec")
     ep = sparsec.export(model, (input_ids,), plan=plan)
+    sparsec.export_onnx(model, (input_ids,), "m.onnx", plan=plan)
     print(sparsec.report(compiled))
 """
 
@@ -12,8 +13,9 @@ __version__ = "0.1.0"
 
 from .backend import SparsecNotice, sparsec_backend
 from .calibrate import calibrate
-from .errors import PassError, PlanError, PluginError, RecipeError, SparsecError
+from .errors import ExportError, PassError, PlanError, PluginError, RecipeError, SparsecError
 from .export import export
+from .onnx_export import export_onnx
 from .hookspecs import hookimpl
 from .passbase import GraphContext, Pass, Site
 from .pipeline import counters, run_pipeline
@@ -26,6 +28,7 @@ __all__ = [
     "__version__",
     "calibrate",
     "export",
+    "export_onnx",
     "report",
     "Report",
     "Plan",
@@ -45,4 +48,5 @@ __all__ = [
     "PlanError",
     "PluginError",
     "PassError",
+    "ExportError",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-__all__ = ["SparsecError", "RecipeError", "PlanError", "PluginError", "PassError", "did_you_mean"]
+__all__ = ["SparsecError", "RecipeError", "PlanError", "PluginError", "PassError", "ExportError", "did_you_mean"]
 
 
 class SparsecError(Exception):
@@ -26,6 +26,10 @@ class PluginError(SparsecError):
 
 class PassError(SparsecError):
     """A pass failed while matching or rewriting a graph."""
+
+
+class ExportError(SparsecError):
+    """An export cannot be written: a bad path, an op with no translation, a failed check."""
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

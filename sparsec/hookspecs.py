@@ -43,5 +43,15 @@ class SparsecSpec:
         """
 
     @hookspec
+    def sparsec_register_onnx_translations(self, register):
+        """Register how each custom op lowers to standard ONNX: ``register(op, fn)``.
+
+        ``fn`` is an onnxscript function with the op's schema (tensors as values, scalars as
+        Python attributes) written with ``onnxscript.opset18`` ops; ``torch.onnx.export``
+        calls it through its ``custom_translation_table``. Called only when exporting to
+        ONNX, so plugins import onnxscript inside the hook, never at import time.
+        """
+
+    @hookspec
     def sparsec_register_recipes(self, register):
         """Register named recipes: ``register(name, recipe_dict, description="...")``."""

@@ -1,0 +1,130 @@
+"""ONNX translations of sparsec's ops: each lowers to standard ONNX (opset 18) ops.
+
+onnxruntime has no sparse kernels for these, so the translations keep tensors dense and
+express the sparsity with ordinary ops (ALGORITHMS.md): a threshold is
+``Where(|x| <= t, 0, x)`` (written that way round so a NaN input stays NaN, as in
+``threshold_reference``), and an N:M weight is expanded from its compressed values and packed
+positions by integer arithmetic and ``ScatterElements``. Every input of that expansion is an
+initializer, so onnxruntime folds it into a dense weight once, when the session loads; the
+file keeps only the compressed bytes.
+
+``torch.onnx.export`` traces these functions: tensor arguments arrive as ONNX values,
+scalars (threshold, n, m, activation) as Python values, so plain Python ``if`` chooses
+what to emit. Imported only when exporting (onnxscript is not needed to compile).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript import opset18 as op
+
+from .nm import bits_for
+
+__all__ = ["TRANSLATIONS", "apply_threshold", "nm_expand"]
+
+
+def _scalar(value: float, like):
+    return op.CastLike(op.Constant(value_float=float(value)), like)
+
+
+def _ints(values) -> object:
+    return op.Constant(value=ir.tensor(np.asarray(values, dtype=np.int64)))
+
+
+def apply_threshold(x, threshold: float):
+    """``s_t(x) = x * 1[|x| > t]`` with NaN kept (``|NaN| <= t`` is false)."""
+    return op.Where(op.LessOrEqual(op.Abs(x), _scalar(threshold, x)), _scalar(0.0, x), x)
+
+
+def _linear(x, weight_t, bias):
+    y = op.MatMul(x, weight_t)
+    return y if bias is None else op.Add(y, bias)
+
+
+def _static_dim(value, axis: int) -> int | None:
+    shape = getattr(value, "shape", None)
+    if shape is None:
+        return None
+    d = shape[axis]
+    return d if isinstance(d, int) else None
+
+
+def _activation(a, name: str):
+    if name == "silu":
+        return op.Mul(a, op.Sigmoid(a))
+    if name == "relu":
+        return op.Relu(a)
+    if name == "gelu":  # 0.5 a (1 + erf(a / sqrt 2))
+        return op.Mul(op.Mul(_scalar(0.5, a), a), op.Add(_scalar(1.0, a), op.Erf(op.Div(a, _scalar(math.sqrt(2.0), a)))))
+    if name == "gelu_tanh":  # 0.5 a (1 + tanh(sqrt(2/pi) (a + 0.044715 a^3)))
+        inner = op.Mul(_scalar(math.sqrt(2.0 / math.pi), a), op.Add(a, op.Mul(_scalar(0.044715, a), op.Mul(a, op.Mul(a, a)))))
+        return op.Mul(op.Mul(_scalar(0.5, a), a), op.Add(_scalar(1.0, a), op.Tanh(inner)))
+    raise ValueError(f"cats_mlp: no ONNX translation for activation {name!r}")
+
+
+def threshold_linear(x, weight, bias, threshold: float):
+    return _linear(apply_threshold(x, threshold), op.Transpose(weight, perm=[1, 0]), bias)
+
+
+def sparse_linear(x, weight_t, bias, threshold: float, weight=None):
+    # weight_t is the prepared [in, out] copy: MatMul takes it as it is
+    return _linear(apply_threshold(x, threshold), weight_t, bias)
+
+
+def _cats(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation):
+    a = _activation(_linear(x, op.Transpose(gate_weight, perm=[1, 0]), gate_bias), activation)
+    h = op.Mul(apply_threshold(a, threshold), _linear(x, op.Transpose(up_weight, perm=[1, 0]), up_bias))
+    return _linear(h, down_weight_t, down_bias)
+
+
+def cats_mlp(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias, threshold: float, activation: str):
+    return _cats(x, gate_weight, gate_bias, up_weight, up_bias, op.Transpose(down_weight, perm=[1, 0]),
+                 down_bias, threshold, activation)
+
+
+def sparse_cats_mlp(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold: float,
+                    activation: str):
+    return _cats(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation)
+
+
+def nm_expand(values, positions, n: int, m: int, in_features: int):
+    """The dense ``[out, in]`` weight from ``kernels.nm.pack``'s format, in ONNX ops.
+
+    positions: ``bits`` bits per kept value, little-endian in each byte, rows padded to 4
+    bytes. Field i of a byte is ``(byte // 2^(i bits)) mod 2^bits`` (integer Div/Mod: ONNX's
+    BitShift has no int64), kept value k sits at column ``k // n * m + pos_k``.
+    """
+    bits = bits_for(m)
+    per_byte = 8 // bits
+    out_f, kept = _static_dim(values, 0), _static_dim(values, 1)
+    if out_f is None or kept is None:
+        raise ValueError("nm_linear: the compressed weight must have a static shape to export")
+    p = op.Unsqueeze(op.Cast(positions, to=ir.DataType.INT64), _ints([-1]))  # [out, bytes, 1]
+    fields = op.Mod(op.Div(p, _ints([1 << (bits * i) for i in range(per_byte)])), _ints([1 << bits]))
+    fields = op.Slice(op.Reshape(fields, _ints([out_f, -1])), _ints([0]), _ints([kept]), _ints([1]))
+    columns = op.Add(fields, _ints(np.arange(kept) // n * m))  # [out, kept]
+    zeros = op.Expand(_scalar(0.0, values), _ints([out_f, in_features]))
+    return op.ScatterElements(zeros, columns, values, axis=1)
+
+
+def nm_linear(x, values, positions, bias, n: int, m: int, threshold: float):
+    kept = _static_dim(values, 1)
+    in_features = _static_dim(x, -1)
+    if in_features is None:
+        in_features = kept // n * m if kept is not None else None
+    w = nm_expand(values, positions, n, m, in_features)
+    xs = apply_threshold(x, threshold) if threshold >= 0 else x
+    return _linear(xs, op.Transpose(w, perm=[1, 0]), bias)
+
+
+#: op name -> translation, registered by ``kernels/plugin.py``
+TRANSLATIONS = {
+    "threshold_linear": threshold_linear,
+    "cats_mlp": cats_mlp,
+    "sparse_linear": sparse_linear,
+    "sparse_cats_mlp": sparse_cats_mlp,
+    "nm_linear": nm_linear,
+}
