@@ -4,7 +4,7 @@ onnxruntime has no sparse kernels for these, so the translations keep tensors de
 express the sparsity with ordinary ops (ALGORITHMS.md): a threshold is
 ``Where(|x| <= t, 0, x)`` (written that way round so a NaN input stays NaN, as in
 ``threshold_reference``), and an N:M weight is expanded from its compressed values and packed
-positions by integer arithmetic and ``ScatterElements``. Every input of that expansion is an
+positions by integer arithmetic and a one-hot product (``nm_expand``). Every input of that expansion is an
 initializer, so onnxruntime folds it into a dense weight once, when the session loads; the
 file keeps only the compressed bytes.
 
@@ -95,19 +95,24 @@ def nm_expand(values, positions, n: int, m: int, in_features: int):
 
     positions: ``bits`` bits per kept value, little-endian in each byte, rows padded to 4
     bytes. Field i of a byte is ``(byte // 2^(i bits)) mod 2^bits`` (integer Div/Mod: ONNX's
-    BitShift has no int64), kept value k sits at column ``k // n * m + pos_k``.
+    BitShift has no int64). Then a one-hot expansion, group by group:
+    ``W[o, g, r] = sum_k values[o, g, k] * (pos[o, g, k] == r)``: exact (one product by 1, the
+    rest by 0), and it needs no dense constant (a zeros tensor for ScatterElements would be
+    folded into the file by the exporter's optimiser, undoing the compression).
     """
     bits = bits_for(m)
     per_byte = 8 // bits
     out_f, kept = _static_dim(values, 0), _static_dim(values, 1)
     if out_f is None or kept is None:
         raise ValueError("nm_linear: the compressed weight must have a static shape to export")
+    groups = kept // n
     p = op.Unsqueeze(op.Cast(positions, to=ir.DataType.INT64), _ints([-1]))  # [out, bytes, 1]
     fields = op.Mod(op.Div(p, _ints([1 << (bits * i) for i in range(per_byte)])), _ints([1 << bits]))
     fields = op.Slice(op.Reshape(fields, _ints([out_f, -1])), _ints([0]), _ints([kept]), _ints([1]))
-    columns = op.Add(fields, _ints(np.arange(kept) // n * m))  # [out, kept]
-    zeros = op.Expand(_scalar(0.0, values), _ints([out_f, in_features]))
-    return op.ScatterElements(zeros, columns, values, axis=1)
+    fields = op.Reshape(fields, _ints([out_f, groups, n, 1]))
+    onehot = op.CastLike(op.Equal(fields, _ints(list(range(m)))), values)  # [out, G, n, m]
+    w = op.ReduceSum(op.Mul(op.Reshape(values, _ints([out_f, groups, n, 1])), onehot), _ints([2]), keepdims=0)
+    return op.Reshape(w, _ints([out_f, groups * m]))
 
 
 def nm_linear(x, values, positions, bias, n: int, m: int, threshold: float):

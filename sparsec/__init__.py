@@ -4,6 +4,7 @@
     plan = sparsec.calibrate(model, batches, recipe="teal-50"); plan.save("m.sparsec")
     ep = sparsec.export(model, (input_ids,), plan=plan)
     sparsec.export_onnx(model, (input_ids,), "m.onnx", plan=plan)
+    mlir_module = sparsec.export_mlir(model, (input_ids,), plan=plan)
     print(sparsec.report(compiled))
 """
 
@@ -15,6 +16,7 @@ from .backend import SparsecNotice, sparsec_backend
 from .calibrate import calibrate
 from .errors import ExportError, PassError, PlanError, PluginError, RecipeError, SparsecError
 from .export import export
+from .mlir_export import export_mlir
 from .onnx_export import export_onnx
 from .hookspecs import hookimpl
 from .passbase import GraphContext, Pass, Site
@@ -29,6 +31,7 @@ __all__ = [
     "calibrate",
     "export",
     "export_onnx",
+    "export_mlir",
     "report",
     "Report",
     "Plan",

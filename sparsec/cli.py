@@ -4,6 +4,8 @@
     sparsec calibrate --model smollm2-135m --recipe teal-40 --out smollm2.sparsec
     sparsec report smollm2.sparsec [--json] [--plot sparsity.png]
     sparsec eval --model smollm2-135m --recipe teal-40 [--plan FILE] [--windows N] [--json]
+    sparsec export-onnx --model smollm2-135m --plan smollm2.sparsec --out smollm2.onnx [--nm-format dense]
+    sparsec export-mlir --model tiny-llama --plan tiny.sparsec --out tiny.mlir
     sparsec demo
 """
 
@@ -108,6 +110,42 @@ def cmd_eval(a) -> int:
     return 0
 
 
+def cmd_export_onnx(a) -> int:
+    import sparsec
+    from .models.data import evaluation_windows
+
+    if not a.plan and not a.recipe:
+        raise SystemExit("sparsec: error: export-onnx needs --plan FILE or --recipe NAME")
+    model, tok = _load(a.model)
+    # two rows of --length tokens: torch.export keeps size-1 axes static, so batch and
+    # sequence stay dynamic only with an example of at least 2 of each
+    ids = evaluation_windows(tok, 1, a.length)[0].repeat(2, 1)
+    plan = sparsec.Plan.load(a.plan) if a.plan else None
+    if plan is None and a.recipe:
+        from .models.data import calibration_windows
+
+        plan = sparsec.calibrate(model, calibration_windows(tok, 8, 128, batch=4), a.recipe)
+    path = sparsec.export_onnx(model, (ids,), a.out, plan=plan, nm_format=a.nm_format,
+                               external_data=True if a.external_data else None)
+    size = os.path.getsize(path) + (os.path.getsize(str(path) + ".data") if os.path.exists(str(path) + ".data") else 0)
+    print(f"wrote {path} ({size / 1e6:.1f} MB; N:M weights {a.nm_format}; checked with onnx.checker full_check)")
+    return 0
+
+
+def cmd_export_mlir(a) -> int:
+    import sparsec
+    from .models.data import evaluation_windows
+
+    model, tok = _load(a.model)
+    ids = evaluation_windows(tok, 1, a.length)[0]
+    plan = sparsec.Plan.load(a.plan)
+    module = sparsec.export_mlir(model, (ids,), plan=plan, path=a.out)
+    n_sparse = str(module).count("sparse_tensor.convert")
+    print(f"wrote {a.out} (linalg on tensors, input [1, {a.length}] tokens; {n_sparse} N:M weights with a "
+          "structured sparse encoding)")
+    return 0
+
+
 def cmd_demo(a) -> int:
     import torch
 
@@ -190,6 +228,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length", type=int, default=512)
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("export-onnx", help="export the sparse model to ONNX (runs in onnxruntime)")
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, tiny-llama, or a local HF folder")
+    p.add_argument("--plan", default=None, help="a calibrated plan (sparsec calibrate)")
+    p.add_argument("--recipe", default=None, help="calibrate this recipe first when no --plan is given")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--nm-format", choices=["compressed", "dense"], default="compressed",
+                   help="N:M weights as values + packed positions (default) or dense with zeros")
+    p.add_argument("--external-data", action="store_true", help="weights in <out>.data (automatic above ~1.8 GiB)")
+    p.add_argument("--length", type=int, default=16, help="tokens in the example input (axes stay dynamic)")
+    p.set_defaults(fn=cmd_export_onnx)
+
+    p = sub.add_parser("export-mlir", help="write the sparse model as MLIR (linalg on tensors, torch-mlir)")
+    p.add_argument("--model", default="tiny-llama", help="smollm2-135m, tiny-llama, or a local HF folder")
+    p.add_argument("--plan", required=True, help="a calibrated plan (sparsec calibrate)")
+    p.add_argument("--out", required=True, help="the .mlir file to write")
+    p.add_argument("--length", type=int, default=16, help="tokens in the (static) input")
+    p.set_defaults(fn=cmd_export_mlir)
 
     p = sub.add_parser("demo", help="SmolLM2 with TEAL 40%: calibrate, compile, report, perplexity, generate")
     p.add_argument("--windows", type=int, default=4)

@@ -109,18 +109,20 @@ def _program_tensor(ep: torch.export.ExportedProgram, node: torch.fx.Node) -> to
     raise ExportError(f"export_onnx: {node.name!r} is not a constant of the program")
 
 
-def _densify_nm(ep: torch.export.ExportedProgram) -> int:
-    """Replace each ``nm_linear`` by a linear on its unpacked (masked, zero-filled) weight."""
+def _densify_nm(ep: torch.export.ExportedProgram) -> list[tuple[torch.Tensor, int, int]]:
+    """Replace each ``nm_linear`` by a linear on its unpacked (masked, zero-filled) weight;
+    returns ``(weight, n, m)`` of each, in graph order."""
     from sparsec.kernels.nm import unpack
 
     gm, g = ep.graph_module, ep.graph_module.graph
-    count = 0
+    count, dense = 0, []
     for node in list(g.nodes):
         if node.op != "call_function" or node.target is not torch.ops.sparsec.nm_linear.default:
             continue
         x, values, positions, bias, n, m, threshold = node.args
         vals, pos = _program_tensor(ep, values), _program_tensor(ep, positions)
         weight = unpack(vals, pos, n, m, vals.shape[1] // n * m)
+        dense.append((weight, n, m))
         name = f"_sparsec_nm_dense_{count}"
         gm.register_buffer(name, weight)
         with g.inserting_before(node):
@@ -135,7 +137,7 @@ def _densify_nm(ep: torch.export.ExportedProgram) -> int:
         g.erase_node(node)
         count += 1
     if not count:
-        return 0
+        return dense
     # the compressed tensors are now unused inputs: drop them from the program
     dead = {n.name for n in g.nodes if n.op == "placeholder" and not n.users}
     sig = ep.graph_signature
@@ -146,22 +148,44 @@ def _densify_nm(ep: torch.export.ExportedProgram) -> int:
             g.erase_node(next(n for n in g.nodes if n.name == spec.arg.name))
     gm.recompile()
     _lift_constants(ep)
-    return count
+    return dense
 
 
 def _has_nm(ep: torch.export.ExportedProgram) -> bool:
     return any(op._name == "sparsec::nm_linear" for op in custom_ops(ep))
 
 
-def _optimize(program, keep_compressed: bool) -> None:
+def _optimize(program, keep_compressed: bool, keep_metadata: bool = False) -> None:
     """onnxscript's optimiser, as ``torch.onnx.export(optimize=True)`` runs it, except that
-    with compressed N:M weights nothing is constant-folded: the folder would expand small
+    compressed N:M positions are hidden from its constant folder: it would expand small
     layers' values + positions into dense (and int64) tensors inside the file, the opposite of
-    compressed. onnxruntime folds them when the session loads instead."""
+    compressed. They are graph inputs while it runs (not constants), initializers again after;
+    onnxruntime folds the expansion when the session loads. (Turning folding off altogether
+    instead made the optimiser's pattern rewriter take over 6 minutes on SmolLM2.)"""
     import onnxscript.optimizer
 
-    limit = 0 if keep_compressed else onnxscript.optimizer._constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT
-    program.model = onnxscript.optimizer.optimize(program.model, input_size_limit=limit)
+    model = program.model
+    hidden = []
+    if keep_compressed:
+        import onnx_ir as ir
+
+        for name, value in list(model.graph.initializers.items()):
+            if value.const_value is not None and value.const_value.dtype == ir.DataType.UINT8:
+                hidden.append((value, value.const_value))
+                del model.graph.initializers[name]
+                value.const_value = None
+                model.graph.inputs.append(value)
+    model = onnxscript.optimizer.optimize(model)
+    for value, tensor in hidden:
+        model.graph.inputs.remove(value)
+        value.const_value = tensor
+        model.graph.register_initializer(value)
+    if not keep_metadata:
+        # torch.onnx records each node's Python stack trace and module path: most of a small
+        # model's file, and absolute paths of the exporting machine in a deployable artefact
+        for node in model.graph.all_nodes():
+            node.metadata_props.clear()
+    program.model = model
 
 
 def _translation_table(ep: torch.export.ExportedProgram) -> dict:
@@ -195,6 +219,7 @@ def export_onnx(
     external_data: bool | None = None,
     opset: int = 18,
     check: bool = True,
+    keep_metadata: bool = False,
     progress: bool = True,
     on_plugin_error: str = "raise",
 ) -> Path:
@@ -204,6 +229,8 @@ def export_onnx(
     inputs with at least 2 rows and 2 tokens: torch.export treats size-1 axes as static);
     ``dynamic_shapes`` overrides it with torch.export's own spec. ``external_data=None``
     writes the weights beside the file (``<path>.data``) only when they exceed ~1.8 GiB.
+    ``keep_metadata`` keeps torch.onnx's per-node stack traces and module paths (dropped by
+    default: they are most of a small file and name paths of the exporting machine).
     The model itself is not modified.
     """
     from tqdm.auto import tqdm
@@ -237,7 +264,7 @@ def export_onnx(
         program = torch.onnx.export(ep, args, kwargs=kwargs or None, dynamo=True, custom_translation_table=table,
                                     opset_version=opset, verbose=False, optimize=False,
                                     output_names=_output_names(ep))
-    _optimize(program, keep_compressed=nm_format == "compressed" and _has_nm(ep))
+    _optimize(program, keep_compressed=nm_format == "compressed" and _has_nm(ep), keep_metadata=keep_metadata)
     program.save(str(path), external_data=external_data)
     steps.update()
     if check:

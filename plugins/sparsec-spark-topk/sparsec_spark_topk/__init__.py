@@ -7,8 +7,8 @@ Gaussian, dropping the entries with ``|x - mean| <= z * std`` with ``z = Phi^-1(
 drops about a fraction ``p`` of them.
 
 It registers, through sparsec's hooks, one pass (``spark_topk``), the op that pass emits
-(``spark_topk::stat_threshold_linear``) with its plain-torch reference, and a recipe
-(``spark-50``)::
+(``spark_topk::stat_threshold_linear``) with its plain-torch reference and its ONNX
+translation, and a recipe (``spark-50``)::
 
     torch.compile(model, backend="sparsec", options={"recipe": "spark-50"})
 """
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from sparsec import Pass, RecipeError, Site, hookimpl
 from sparsec.passbase import block_of, path_matches
 
-__all__ = ["SparkTopK", "SparkTopKConfig", "stat_threshold_linear_reference"]
+__all__ = ["SparkTopK", "SparkTopKConfig", "stat_threshold_linear_reference", "stat_threshold_linear_onnx"]
 
 aten = torch.ops.aten
 
@@ -113,6 +113,25 @@ def sparsec_register_passes(register):
 def sparsec_register_kernels(register):
     register(torch.ops.spark_topk.stat_threshold_linear.default, reference=stat_threshold_linear_reference,
              description="statistical top-k thresholded linear")
+
+
+def stat_threshold_linear_onnx(x, weight, bias, z: float):
+    """The ONNX translation (standard opset-18 ops): the same statistics, then ``Where``."""
+    from onnxscript import opset18 as op
+
+    xf = op.Cast(x, to=1)  # FLOAT: statistics in fp32, as the reference
+    mean = op.ReduceMean(xf, op.Constant(value_ints=[-1]), keepdims=1)
+    centred = op.Sub(xf, mean)
+    std = op.Sqrt(op.ReduceMean(op.Mul(centred, centred), op.Constant(value_ints=[-1]), keepdims=1))
+    keep = op.Or(op.Greater(op.Abs(centred), op.Mul(op.Constant(value_float=float(z)), std)), op.IsNaN(xf))
+    xs = op.Where(keep, x, op.CastLike(op.Constant(value_float=0.0), x))
+    y = op.MatMul(xs, op.Transpose(weight, perm=[1, 0]))
+    return y if bias is None else op.Add(y, bias)
+
+
+@hookimpl
+def sparsec_register_onnx_translations(register):
+    register(torch.ops.spark_topk.stat_threshold_linear.default, stat_threshold_linear_onnx)
 
 
 @hookimpl
