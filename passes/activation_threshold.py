@@ -66,6 +66,11 @@ class ActivationThresholdConfig:
     greedy_batches: int = 1
     #: greedy: no group is pushed beyond this sparsity
     max_sparsity: float = 0.95
+    #: greedy: "block" (TEAL: every block at the target) or "model" (blocks may differ by up to
+    #: ``greedy_spread``, traded by each block's measured effect on the model's output)
+    greedy_scope: str = "block"
+    #: greedy, scope "model": how far a block's average may move from the target
+    greedy_spread: float = 0.2
 
     def validate(self) -> None:
         if self.mode not in ("teal", "cats"):
@@ -81,6 +86,10 @@ class ActivationThresholdConfig:
             raise RecipeError(f"bins must be at least 16, got {self.bins}")
         if not (self.greedy_step > 0):
             raise RecipeError(f"greedy_step must be positive, got {self.greedy_step}")
+        if self.greedy_scope not in ("block", "model"):
+            raise RecipeError(f"greedy_scope must be 'block' or 'model', got {self.greedy_scope!r}")
+        if not (0 <= self.greedy_spread < 1):
+            raise RecipeError(f"greedy_spread must be in [0, 1), got {self.greedy_spread}")
         if self.greedy_batches < 0:
             raise RecipeError(f"greedy_batches must not be negative, got {self.greedy_batches}")
         if not (0.0 < self.max_sparsity < 1.0):
@@ -324,6 +333,41 @@ def _check_unique(sites: list[Site]) -> None:
 # ---- TEAL greedy block-wise allocation ----------------------------------------------------------
 
 
+def _block_path(groups, hists, config, scorer, block, stop: float) -> list[tuple[float, dict, float]]:
+    """TEAL's greedy walk in one block from 0 to average ``stop``: ``[(average, sparsities,
+    block error)]`` after every step (the first entry is all-dense)."""
+    size = {g: sum(s.weight_bytes for s in members) for g, members in groups.items()}
+    total = sum(size.values())
+    w = {g: size[g] / total for g in groups}
+    sp = {g: 0.0 for g in groups}
+
+    def thresholds(spars):
+        return {s.key: hists[g].threshold(spars[g]) for g, members in groups.items() for s in members}
+
+    path = [(0.0, dict(sp), 0.0)]
+    avg = 0.0
+    while avg < stop - 1e-9:
+        step = min(config.greedy_step, stop - avg)
+        best, best_err = None, math.inf
+        for g in groups:
+            cand = sp[g] + step / w[g]
+            if cand > config.max_sparsity:
+                continue
+            err = scorer(block, thresholds(dict(sp, **{g: cand})))
+            if err < best_err:
+                best, best_err = g, err
+        if best is None:  # every group at its cap: spread what is left uniformly
+            for g in groups:
+                sp[g] = min(config.max_sparsity, sp[g] + (stop - avg))
+            avg = sum(w[g] * sp[g] for g in groups)
+            path.append((avg, dict(sp), scorer(block, thresholds(sp))))
+            break
+        sp[best] += step / w[best]
+        avg = sum(w[g] * sp[g] for g in groups)
+        path.append((avg, dict(sp), best_err))
+    return path
+
+
 def greedy_allocation(
     sites: list[Site],
     config: ActivationThresholdConfig,
@@ -337,45 +381,74 @@ def greedy_allocation(
     candidate raises the block's size-weighted average by the same ``greedy_step``; the step
     kept is the one that least increases ``||Y_dense - Y_sparse||`` of the block's output
     (``scorer(block, {site key: threshold})``) on held-out tokens. Stop at the target average.
+
+    ``greedy_scope="model"`` also lets blocks differ: see ``_across_blocks``.
     """
     from tqdm.auto import tqdm
 
     blocks: dict[str, dict[str, list[Site]]] = defaultdict(lambda: defaultdict(list))
     for s in sites:
         blocks[s.block][s.group].append(s)
-    result: dict[str, float] = {}
     target = config.sparsity
+    across = config.greedy_scope == "model" and hasattr(scorer, "model_kl") and len(blocks) > 1
+    stop = min(target + config.greedy_spread, config.max_sparsity) if across else target
     show = getattr(scorer, "progress", True)
+    paths = {}
     for block in tqdm(list(blocks), desc="sparsec greedy allocation", unit="block", leave=False, disable=not show):
-        groups = blocks[block]
-        size = {g: sum(s.weight_bytes for s in members) for g, members in groups.items()}
-        total = sum(size.values())
-        w = {g: size[g] / total for g in groups}
-        sp = {g: 0.0 for g in groups}
-
-        def thresholds(spars):
-            return {s.key: hists[g].threshold(spars[g]) for g, members in groups.items() for s in members}
-
-        avg = 0.0
-        while avg < target - 1e-9:
-            step = min(config.greedy_step, target - avg)
-            best, best_err = None, math.inf
-            for g in groups:
-                cand = sp[g] + step / w[g]
-                if cand > config.max_sparsity:
-                    continue
-                trial = dict(sp, **{g: cand})
-                err = scorer(block, thresholds(trial))
-                if err < best_err:
-                    best, best_err = g, err
-            if best is None:  # every group at its cap: spread what is left uniformly
-                for g in groups:
-                    sp[g] = min(config.max_sparsity, sp[g] + (target - avg))
-                break
-            sp[best] += step / w[best]
-            avg = sum(w[g] * sp[g] for g in groups)
+        paths[block] = _block_path(blocks[block], hists, config, scorer, block, stop)
+    at_target = {b: min(p, key=lambda e: abs(e[0] - target)) for b, p in paths.items()}
+    result: dict[str, float] = {}
+    if across:
+        chosen = _across_blocks(blocks, paths, at_target, hists, config, scorer)
+    else:
+        chosen = at_target
+    for b, (_, sp, _) in chosen.items():
         result.update(sp)
     return result
+
+
+def _across_blocks(blocks, paths, at_target, hists, config, scorer) -> dict:
+    """Let blocks take different averages (within ``greedy_spread`` of the target).
+
+    Each block's walk gives its output error ``e_b`` at every average; one model-level
+    measurement per block (the mean next-token KL with only that block at the target) gives
+    its sensitivity ``c_b = KL_b / e_b(target)``. Then, from every block at ``target - spread``,
+    steps go to the block whose next step adds the least predicted KL ``c_b * delta e_b``
+    until the size-weighted average reaches the target. The result is kept only if the whole
+    model's KL on the held-out tokens is lower than with every block at the target.
+    """
+
+    def thresholds(choice):
+        return {s.key: hists[g].threshold(sp[g]) for b, (_, sp, _) in choice.items()
+                for g, members in blocks[b].items() for s in members}
+
+    target, spread = config.sparsity, config.greedy_spread
+    size = {b: sum(s.weight_bytes for ms in blocks[b].values() for s in ms) for b in blocks}
+    total = sum(size.values())
+    sens = {}
+    for b, entry in at_target.items():
+        kl = scorer.model_kl(thresholds({b: entry}))
+        sens[b] = kl / entry[2] if entry[2] > 0 else 0.0
+    # start every block at the lowest allowed average
+    idx = {b: min(range(len(p)), key=lambda i: abs(p[i][0] - max(0.0, target - spread))) for b, p in paths.items()}
+    avg = sum(size[b] * paths[b][idx[b]][0] for b in blocks) / total
+    while avg < target - 1e-9:
+        best, best_cost = None, math.inf
+        for b, p in paths.items():
+            i = idx[b]
+            if i + 1 >= len(p):
+                continue
+            cost = sens[b] * (p[i + 1][2] - p[i][2]) / ((p[i + 1][0] - p[i][0]) * size[b] + 1e-30)
+            if cost < best_cost:
+                best, best_cost = b, cost
+        if best is None:
+            break
+        idx[best] += 1
+        avg = sum(size[b] * paths[b][idx[b]][0] for b in blocks) / total
+    chosen = {b: paths[b][idx[b]] for b in blocks}
+    if scorer.model_kl(thresholds(chosen)) < scorer.model_kl(thresholds(at_target)):
+        return chosen
+    return at_target
 
 
 _PASS = ActivationThreshold()

@@ -94,19 +94,42 @@ class _BlockScorer:
             for h in hooks:
                 h.remove()
         self.dense = {b: [self._run(b, a, k) for a, k in self.inputs[b]] for b in blocks}
+        self.batches = batches
+        self._dense_logp: list[torch.Tensor] | None = None
 
     def _run(self, block, args, kwargs):
         mod = self.model.get_submodule(block) if block else self.model
         with torch.no_grad():
             return first_tensor(mod(*args, **kwargs)).float()
 
+    def _hook(self, thresholds: dict[str, float]) -> list:
+        return [self.model.get_submodule(key).register_forward_pre_hook(lambda m, a, t=t: (self._thr(a[0], t), *a[1:]))
+                for key, t in thresholds.items() if t > 0]
+
+    def _logp(self) -> list[torch.Tensor]:
+        out = []
+        with torch.no_grad():
+            for batch in self.batches:
+                args, kwargs = split_batch(batch)
+                out.append(torch.log_softmax(first_tensor(self.model(*args, **kwargs)).float(), -1))
+        return out
+
+    def model_kl(self, thresholds: dict[str, float]) -> float:
+        """Mean ``KL(dense || sparse)`` of the next-token distributions on the held-out batches,
+        with every given site thresholded: what a set of thresholds costs the whole model."""
+        if self._dense_logp is None:
+            self._dense_logp = self._logp()
+        hooks = self._hook(thresholds)
+        try:
+            sparse = self._logp()
+        finally:
+            for h in hooks:
+                h.remove()
+        kl = [(d.exp() * (d - s)).sum(-1).mean() for d, s in zip(self._dense_logp, sparse)]
+        return float(sum(kl) / len(kl))
+
     def __call__(self, block: str, thresholds: dict[str, float]) -> float:
-        hooks = []
-        for key, t in thresholds.items():
-            if t <= 0:
-                continue
-            hooks.append(self.model.get_submodule(key).register_forward_pre_hook(
-                lambda m, a, t=t: (self._thr(a[0], t), *a[1:])))
+        hooks = self._hook(thresholds)
         try:
             num = den = 0.0
             for (a, k), ref in zip(self.inputs[block], self.dense[block]):

@@ -187,6 +187,32 @@ def test_greedy_allocation_meets_target_and_differs_from_uniform(tiny, tiny_batc
         assert all(0 <= e["sparsity"] <= 0.95 for e in members.values())
 
 
+def test_greedy_model_scope_meets_target_and_never_loses_to_block_scope(tiny, tiny_batches, tiny_plan):
+    """Blocks may take different averages; the model-wide average stays at the target, and the
+    held-out KL of the result is never above the block-scope (TEAL) allocation's."""
+    from sparsec.calibrate import _scorer_for
+    from sparsec.plugins import get_registry
+
+    recipe = {"passes": {"activation_threshold": {"mode": "teal", "sparsity": 0.4, "greedy_scope": "model",
+                                                  "greedy_spread": 0.2}}}
+    plan = sparsec.calibrate(tiny, tiny_batches, recipe, progress=False)
+    sites = plan.sites
+    total = sum(e["weight_bytes"] for e in sites.values())
+    avg = sum(e["weight_bytes"] * e["sparsity"] for e in sites.values()) / total
+    assert 0.40 - 1e-6 <= avg < 0.40 + 0.025  # reaches the target, overshoots by less than a step
+    per_block = {}
+    for e in sites.values():
+        per_block.setdefault(e["block"], []).append(e)
+    for members in per_block.values():
+        b_avg = sum(e["weight_bytes"] * e["sparsity"] for e in members) / sum(e["weight_bytes"] for e in members)
+        assert 0.2 - 1e-6 <= b_avg <= 0.6 + 1e-6  # within the spread
+    scorer, _ = _scorer_for(tiny, [type("S", (), {"key": k, "block": e["block"]})() for k, e in sites.items()],
+                            tiny_batches[-1:])
+    kl = {name: scorer.model_kl({k: e["threshold"] for k, e in p.sites.items()})
+          for name, p in (("model", plan), ("block", tiny_plan))}
+    assert kl["model"] <= kl["block"] + 1e-9, kl
+
+
 def test_compile_without_plan_calibrates_with_warning(tiny, tiny_batches):
     with pytest.warns(sparsec.SparsecNotice, match="needs calibration and no plan was given"):
         with torch.no_grad():

@@ -110,9 +110,10 @@ def test_export_is_deterministic(tiny, tiny_batches, plans, tmp_path):
     assert digests[0] == digests[1]
 
 
-def test_external_data(tiny, tiny_batches, plans, tmp_path):
-    p = sparsec.export_onnx(tiny, (tiny_batches[0],), tmp_path / "m.onnx", plan=plans["teal-40"],
-                            external_data=True, progress=False)
+def test_external_data_when_weights_exceed_the_limit(tiny, tiny_batches, plans, tmp_path, monkeypatch):
+    # the automatic choice (external_data=None) with the 1.8 GiB limit scaled down to this model
+    monkeypatch.setattr(sparsec.onnx_export, "_EXTERNAL_DATA_BYTES", 100_000)
+    p = sparsec.export_onnx(tiny, (tiny_batches[0],), tmp_path / "m.onnx", plan=plans["teal-40"], progress=False)
     assert (tmp_path / "m.onnx.data").stat().st_size > 100_000
     assert p.stat().st_size < (tmp_path / "m.onnx.data").stat().st_size
     ids = tiny_batches[1]

@@ -24,6 +24,8 @@ BAD_RECIPES = [
     (at(allocation="gready"), r"allocation must be 'greedy' or 'uniform', got 'gready'"),
     (at(greedy_step=-0.01), r"greedy_step must be positive, got -0.01"),
     (at(greedy_batches=-1), r"greedy_batches must not be negative"),
+    (at(greedy_scope="global"), r"greedy_scope must be 'block' or 'model', got 'global'"),
+    (at(greedy_spread=1.5), r"greedy_spread must be in \[0, 1\), got 1.5"),
     (at(ignore="lm_head"), r"passes.activation_threshold.ignore must be a list, got 'lm_head'"),
     (at(bins=4), r"bins must be at least 16, got 4"),
     ({"passes": {"activation_treshold": {}}}, r"unknown pass 'activation_treshold' \(did you mean 'activation_threshold'\?\)"),
