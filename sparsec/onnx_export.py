@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -50,14 +51,20 @@ def _check_path(path: str | os.PathLike) -> Path:
     try:
         p = Path(path)
     except TypeError as exc:
-        raise ExportError(f"export_onnx: the path must be a str or os.PathLike, got {type(path).__name__}") from exc
+        raise ExportError(f"export: the path must be a str or os.PathLike, got {type(path).__name__}") from exc
     if p.exists() and p.is_dir():
-        raise ExportError(f"export_onnx: {str(p)!r} is a directory; give a file path such as {str(p / 'model.onnx')!r}")
+        raise ExportError(f"export: {str(p)!r} is a directory; give a file path such as {str(p / 'model.onnx')!r}")
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
-        raise ExportError(f"export_onnx: cannot write {str(p)!r}: directory {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise ExportError(f"export_onnx: cannot write {str(p)!r}: no write permission in {str(parent)!r}")
+        raise ExportError(f"export: cannot write {str(p)!r}: directory {str(parent)!r} does not exist")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise ExportError(f"export: cannot write {str(p)!r}: the file is read-only")
+    try:  # permissions, read-only file systems, /proc ...: ask the file system itself
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise ExportError(f"export: cannot write {str(p)!r}: directory {str(parent)!r} is not writable "
+                          f"({exc.strerror or exc})") from exc
     return p
 
 

@@ -61,6 +61,7 @@ def test_sparsified_nm_linear_runs_and_matches_torch(passes):
     with torch.no_grad():
         ref = sparsec.export(model, (x,), plan=plan).module()(x)
         dense = model(x)
+    assert str(export_mlir(model, (x,), plan=plan)) == text  # deterministic for the same plan
     got = run_sparsified(module, x)
     assert got.shape == ref.shape
     assert float((got - ref).abs().max()) <= RTOL * float(ref.abs().max())

@@ -180,6 +180,8 @@ def test_bad_paths_and_options(tiny, tiny_batches, plans, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ExportError, match="does not exist"):
         sparsec.export_onnx(*args, tmp_path / "file" / "m.onnx", plan=plans["teal-40"], progress=False)
+    with pytest.raises(ExportError, match="'/proc' is not writable"):  # even for root
+        sparsec.export_onnx(*args, "/proc/m.onnx", plan=plans["teal-40"], progress=False)
     with pytest.raises(ExportError, match="nm_format must be one of"):
         sparsec.export_onnx(*args, tmp_path / "m.onnx", plan=plans["teal-40"], nm_format="sparse", progress=False)
 
