@@ -35,8 +35,21 @@ def _ints(values) -> object:
 
 
 def apply_threshold(x, threshold: float):
-    """``s_t(x) = x * 1[|x| > t]`` with NaN kept (``|NaN| <= t`` is false)."""
-    return op.Where(op.LessOrEqual(op.Abs(x), _scalar(threshold, x)), _scalar(0.0, x), x)
+    """``s_t(x) = x * 1[|x| > t]`` with NaN kept (``|NaN| <= t`` is false).
+
+    The comparison is made exactly as ``threshold_reference`` makes it: in x's precision for
+    fp32/fp64 (``t`` rounded from the double once, not via a float32 constant: in a float64
+    export that would move the threshold by ~1e-8 and flip activations lying in between), in
+    fp32 for fp16/bf16 (rounding ``t`` to bf16 would move it by up to 0.4%).
+    """
+    t = op.Constant(value=ir.tensor(np.asarray(threshold, dtype=np.float64)))
+    dtype = getattr(x, "dtype", None)
+    if dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
+        mag = op.Cast(op.Abs(x), to=ir.DataType.FLOAT)
+        drop = op.LessOrEqual(mag, op.Cast(t, to=ir.DataType.FLOAT))
+    else:
+        drop = op.LessOrEqual(op.Abs(x), op.CastLike(t, x))
+    return op.Where(drop, _scalar(0.0, x), x)
 
 
 def _linear(x, weight_t, bias):
