@@ -77,18 +77,21 @@ def test_sparse_linear_edge_cases(ext, dtype):
 @pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh", "relu"])
 @pytest.mark.parametrize("batch", [1, 3, 16])
 def test_cats_mlp_matches_reference(ext, dtype, act, batch):
+    # the output size o differs from the input size h (a plain MLP 201 -> 577 -> 95 is legal:
+    # the kernel once assumed o == h, as in a transformer, and read W_down^T with the wrong width)
     g = torch.Generator().manual_seed(batch)
-    h, i = 201, 577
+    h, i, o = 201, 577, 95
     x = torch.randn(batch, h, generator=g).to(dtype)
     wg, wu = [(torch.randn(i, h, generator=g) / h**0.5).to(dtype) for _ in range(2)]
-    wd = (torch.randn(h, i, generator=g) / i**0.5).to(dtype)
-    bu, bd = torch.randn(i, generator=g).to(dtype), torch.randn(h, generator=g).to(dtype)
-    a = A.ACTIVATIONS[act](F.linear(x, wg))
-    t = float(torch.quantile(a.float().abs().flatten(), 0.5))
-    for ub, db in ((None, None), (bu, bd)):
-        got = A._cats_cpu(x, wg, None, wu, ub, wd.t().contiguous(), db, t, act)
-        ref = A.cats_mlp_reference(x, wg, None, wu, ub, wd, db, t, act)
-        _close(got, ref, dtype, scale=4.0)
+    wd = (torch.randn(o, i, generator=g) / i**0.5).to(dtype)
+    bg, bu, bd = (torch.randn(n, generator=g).to(dtype) for n in (i, i, o))
+    for gb in (None, bg):
+        a = A.ACTIVATIONS[act](F.linear(x, wg, gb))
+        t = float(torch.quantile(a.float().abs().flatten(), 0.5))
+        for ub, db in ((None, None), (bu, bd)):
+            got = A._cats_cpu(x, wg, gb, wu, ub, wd.t().contiguous(), db, t, act)
+            ref = A.cats_mlp_reference(x, wg, gb, wu, ub, wd, db, t, act)
+            _close(got, ref, dtype, scale=4.0)
 
 
 def test_ops_dispatch_and_prefill_path(ext):

@@ -17,6 +17,8 @@ import pytest
 import torch
 
 import sparsec
+import sparsec.kernels.activation  # noqa: F401  (defines the sparsec:: ops)
+import sparsec.kernels.nm  # noqa: F401
 from sparsec.errors import ExportError
 from sparsec.onnx_export import custom_ops
 
@@ -197,3 +199,81 @@ def test_cli_export_onnx(tmp_path):
     onnx.checker.check_model(str(out), full_check=True)
     assert main(["export-onnx", "--model", "tiny-llama", "--plan", str(plan_dir), "--out",
                  str(tmp_path / "missing" / "m.onnx")]) == 2
+
+
+# ---- each op's translation on its own, odd shapes ------------------------------------------------
+
+class OpModule(torch.nn.Module):
+    def __init__(self, fn, *consts):
+        super().__init__()
+        self.fn = fn
+        for i, c in enumerate(consts):
+            self.register_buffer(f"c{i}", c) if c is not None else setattr(self, f"c{i}", None)
+        self.n = len(consts)
+
+    def forward(self, x):
+        return self.fn(x, *[getattr(self, f"c{i}") for i in range(self.n)])
+
+
+def export_op(module, x, tmp_path):
+    from sparsec.plugins import get_registry
+
+    table = {info.op: info.fn for info in get_registry().onnx_translations().values()}
+    ep = torch.export.export(module, (x,), dynamic_shapes=({0: torch.export.Dim.AUTO},), strict=False)
+    path = tmp_path / "op.onnx"
+    torch.onnx.export(ep, (x,), str(path), dynamo=True, custom_translation_table=table, verbose=False)
+    onnx.checker.check_model(str(path), full_check=True)
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _x(rows, k, nan=False):
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows * k))
+    if nan:
+        x[0, 3], x[1, 5], x[0, 7] = float("nan"), float("inf"), float("-inf")
+    return x
+
+
+def _check(sess, module, rows, k, nan=False):
+    x = _x(rows, k, nan)
+    with torch.no_grad():
+        ref = module(x)
+    got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_threshold_ops_translate(tmp_path, bias):
+    g = torch.Generator().manual_seed(2)
+    w, b = torch.randn(37, 61, generator=g), (torch.randn(37, generator=g) if bias else None)
+    for op, weight in ((torch.ops.sparsec.threshold_linear.default, w),
+                       (torch.ops.sparsec.sparse_linear.default, w.t().contiguous())):
+        mod = OpModule(lambda x, w_, b_, op=op: op(x, w_, b_, 0.7), weight, b)
+        sess = export_op(mod, _x(3, 61), tmp_path)
+        _check(sess, mod, 5, 61)
+        _check(sess, mod, 2, 61, nan=True)  # NaN stays NaN, inf passes the threshold
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu", "gelu_tanh", "relu"])
+def test_cats_ops_translate(tmp_path, activation):
+    g = torch.Generator().manual_seed(3)
+    gw, gb, uw = torch.randn(45, 29, generator=g), torch.randn(45, generator=g), torch.randn(45, 29, generator=g)
+    dw, db = torch.randn(31, 45, generator=g), torch.randn(31, generator=g)
+    for op, down in ((torch.ops.sparsec.cats_mlp.default, dw), (torch.ops.sparsec.sparse_cats_mlp.default, dw.t().contiguous())):
+        mod = OpModule(lambda x, a, b, c, d, e, op=op: op(x, a, b, c, None, d, e, 0.3, activation), gw, gb, uw, down, db)
+        sess = export_op(mod, _x(3, 29), tmp_path)
+        _check(sess, mod, 4, 29)
+
+
+@pytest.mark.parametrize("n,m,threshold", [(2, 4, -1.0), (2, 4, 0.5), (1, 4, -1.0), (4, 8, 0.3), (2, 8, -1.0),
+                                           (3, 16, 0.2)])
+def test_nm_linear_translates(tmp_path, n, m, threshold):
+    from sparsec.kernels.nm import nm_mask, pack
+
+    g = torch.Generator().manual_seed(n * 100 + m)
+    k = m * 7  # odd group count
+    w = torch.randn(23, k, generator=g)
+    values, positions = pack(w, nm_mask(w.abs(), n, m), n, m)
+    bias = torch.randn(23, generator=g)
+    mod = OpModule(lambda x, v, p, b: torch.ops.sparsec.nm_linear(x, v, p, b, n, m, threshold), values, positions, bias)
+    sess = export_op(mod, _x(3, k), tmp_path)
+    _check(sess, mod, 6, k)

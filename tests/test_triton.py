@@ -82,11 +82,11 @@ def test_sparse_linear_interpreted_edges(interpret):
 @pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh", "relu"])
 def test_cats_interpreted(interpret, dtype, act):
     g = torch.Generator().manual_seed(3)
-    h, i, batch = 70, 131, 3
+    h, i, o, batch = 70, 131, 45, 3  # output size o != input size h (a plain MLP)
     x = torch.randn(batch, h, generator=g).to(dtype)
     wg, wu = [(torch.randn(i, h, generator=g) / h**0.5).to(dtype) for _ in range(2)]
-    wd = (torch.randn(h, i, generator=g) / i**0.5).to(dtype)
-    bu, bd = torch.randn(i, generator=g).to(dtype), torch.randn(h, generator=g).to(dtype)
+    wd = (torch.randn(o, i, generator=g) / i**0.5).to(dtype)
+    bu, bd = torch.randn(i, generator=g).to(dtype), torch.randn(o, generator=g).to(dtype)
     a = A.ACTIVATIONS[act](torch.nn.functional.linear(x, wg))
     t = _between(a, 0.5)
     got = tg.sparse_cats_mlp_cuda(x, wg, None, wu, bu, wd.t().contiguous(), bd, t, act)

@@ -1,7 +1,7 @@
 // Activation-sparse CPU kernels for sparsec (built by kernels/cpu.py with torch cpp_extension).
 //
 //   sparse_linear(x[B,K], Wt[K,N], bias?, t)   y = s_t(x) Wt + b, s_t(x) = x * 1[!(|x| <= t)]
-//   cats_mlp(x[B,H], a[B,I], Wup[I,H], bup?, Wdt[I,H], bdown?, t)
+//   cats_mlp(x[B,H], a[B,I], Wup[I,H], bup?, Wdt[I,O], bdown?, t)
 //        h = CATS_t(a) * (Wup x + bup);  y = h Wdt + bdown
 //
 // Why this layout: the weight is stored transposed once (Wt = W^T, [K, N] row-major), so
@@ -235,7 +235,7 @@ void sparse_linear_impl(const T* x, int64_t B, int64_t K, const T* wt, int64_t N
 
 template <typename T>
 void cats_impl(const T* x, const T* a, int64_t B, int64_t H, int64_t I, const T* wup, const T* bup, const T* wdt,
-               const T* bdown, float thr, T* y) {
+               int64_t O, const T* bdown, float thr, T* y) {
   std::vector<int64_t> rows;
   for (int64_t j = 0; j < I; ++j) {
     bool any = false;
@@ -259,7 +259,8 @@ void cats_impl(const T* x, const T* a, int64_t B, int64_t H, int64_t I, const T*
       }
     }
   });
-  accumulate_rows(wdt, H, rows, coef, B, bdown, y);
+  // W_down^T rows are O wide: O is the MLP's output size, which need not equal its input H
+  accumulate_rows(wdt, O, rows, coef, B, bdown, y);
 }
 
 void check2d(const torch::Tensor& t, const char* name) {
@@ -315,12 +316,13 @@ torch::Tensor cats_mlp(torch::Tensor x, torch::Tensor a, torch::Tensor wup, c10:
   if (B == 0) return y;
   if (x.scalar_type() == torch::kFloat) {
     cats_impl<float>(x.data_ptr<float>(), a.data_ptr<float>(), B, H, I, wup.data_ptr<float>(),
-                     bup ? bup->data_ptr<float>() : nullptr, wdt.data_ptr<float>(),
+                     bup ? bup->data_ptr<float>() : nullptr, wdt.data_ptr<float>(), wdt.size(1),
                      bdown ? bdown->data_ptr<float>() : nullptr, (float)thr, y.data_ptr<float>());
   } else if (x.scalar_type() == torch::kBFloat16) {
     using bf = c10::BFloat16;
     cats_impl<bf>(x.data_ptr<bf>(), a.data_ptr<bf>(), B, H, I, wup.data_ptr<bf>(), bup ? bup->data_ptr<bf>() : nullptr,
-                  wdt.data_ptr<bf>(), bdown ? bdown->data_ptr<bf>() : nullptr, (float)thr, y.data_ptr<bf>());
+                  wdt.data_ptr<bf>(), wdt.size(1), bdown ? bdown->data_ptr<bf>() : nullptr, (float)thr,
+                  y.data_ptr<bf>());
   } else {
     TORCH_CHECK(false, "sparsec cats_mlp: unsupported dtype ", x.scalar_type(), " (float32, bfloat16)");
   }
