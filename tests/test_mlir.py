@@ -81,6 +81,15 @@ def test_export_mlir_on_tiny_llama_composition(tiny, tiny_batches, tmp_path):
     assert "linalg.generic" in text and not re.search(r"\btorch\.(aten|prim|vtensor|operator)", text)
 
 
+def test_export_mlir_cats_is_elementwise(tiny, tiny_batches):
+    plan = _plan(tiny, tiny_batches[0], "cats-50")
+    text = str(export_mlir(tiny, (tiny_batches[0],), plan=plan))
+    body = text.split("{-#")[0]
+    assert "sparse_tensor" not in body  # no N:M here
+    assert "arith.select" in body and "arith.cmpf" in body  # the threshold as compare + select
+    assert not re.search(r"\btorch\.(aten|prim|vtensor|operator)", body)
+
+
 def test_export_mlir_bad_path_and_no_change_to_model(tmp_path):
     torch.manual_seed(0)
     model = MLP().eval()
