@@ -33,6 +33,8 @@ RECIPES = {
     "teal-50 uniform": _at(mode="teal", sparsity=0.50, allocation="uniform"),
     "teal-40 greedy": _at(mode="teal", sparsity=0.40, allocation="greedy"),
     "teal-50 greedy": _at(mode="teal", sparsity=0.50, allocation="greedy"),
+    "teal-40 greedy model": _at(mode="teal", sparsity=0.40, allocation="greedy", greedy_scope="model"),
+    "teal-50 greedy model": _at(mode="teal", sparsity=0.50, allocation="greedy", greedy_scope="model"),
     "cats-50": _at(mode="cats", sparsity=0.50),
     "2:4 magnitude": _nm(n=2, m=4, method="magnitude"),
     "2:4 wanda": _nm(n=2, m=4, method="wanda"),

@@ -10,17 +10,23 @@ bytes (ideal speedup 1.78x); bf16: 0.5 + 0.125 (1.6x).
 ``sparsec::nm_linear(x, values, positions, bias, n, m, threshold)``: ``y = W_nm s_t(x) + b``;
 ``threshold < 0`` means no activation threshold (with one, the op is the TEAL + N:M
 composition). CPU: C++ kernel (``kernels/csrc/nm_sparse.cpp``) for up to 16 tokens, else a
-dense GEMM on the unpacked weight. Other devices: the reference.
+dense GEMM on the unpacked weight. CUDA: the generated Triton GEMV up to 16 tokens; above,
+2:4 half-precision weights go to PyTorch's semi-structured sparse GEMM (cuSPARSELt or
+CUTLASS) where ``semi_structured_route`` says it wins, else a dense GEMM on the unpacked
+weight. Other devices: the reference.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import cpu
 
-__all__ = ["bits_for", "nm_mask", "pack", "unpack", "nm_linear_reference", "check_nm"]
+__all__ = ["bits_for", "nm_mask", "pack", "unpack", "nm_linear_reference", "check_nm", "semi_structured_route"]
 
 
 def bits_for(m: int) -> int:
@@ -108,6 +114,89 @@ def nm_linear_reference(x, values, positions, bias, n: int, m: int, threshold: f
 
     xs = threshold_reference(x, threshold) if threshold >= 0 else x
     return F.linear(xs, unpack(values, positions, n, m, x.shape[-1]), bias)
+
+
+# ---- CUDA 2:4 at prefill sizes: PyTorch's semi-structured sparse GEMM ----------------------
+#
+# cuSPARSELt / CUTLASS 2:4 kernels use the sparse tensor cores: they pay off in compute-bound
+# GEMMs (many tokens) and lose at decode sizes (pytorch issue 111339: 0.11x at M = 1), where
+# the Triton GEMV over the compressed format is the kernel. These thresholds are the published
+# picture, not yet measured by us: bench/gpu_check.py prints the crossover on a lent GPU
+# (dense vs semi-structured at 16-4096 tokens) to replace them.
+SEMI_STRUCTURED_MIN_TOKENS = 128
+#: smaller weights launch-bound either way: keep the dense GEMM
+SEMI_STRUCTURED_MIN_WEIGHT = 1024 * 1024
+
+
+def semi_structured_route(tokens: int, out_features: int, in_features: int, n: int, m: int,
+                          dtype: torch.dtype, capability: tuple[int, int] | None,
+                          backends: tuple[str, ...] = ("cusparselt", "cutlass")) -> str | None:
+    """Which semi-structured backend runs this N:M linear on CUDA, or ``None`` (not one).
+
+    Only 2:4 (the tensor-core pattern), fp16/bf16, sm_80+, at least
+    ``SEMI_STRUCTURED_MIN_TOKENS`` tokens and a weight of ``SEMI_STRUCTURED_MIN_WEIGHT``
+    elements, with the weight's shape inside the backend's constraints (PyTorch's
+    ``_DTYPE_SHAPE_CONSTRAINTS``: cuSPARSELt rows and columns multiples of 16, CUTLASS rows of
+    32 and columns of 64). ``backends``: those available, best first."""
+    if (n, m) != (2, 4) or dtype not in (torch.float16, torch.bfloat16):
+        return None
+    if capability is None or tuple(capability) < (8, 0):
+        return None
+    if tokens < SEMI_STRUCTURED_MIN_TOKENS or out_features * in_features < SEMI_STRUCTURED_MIN_WEIGHT:
+        return None
+    multiples = {"cusparselt": (16, 16), "cutlass": (32, 64)}
+    for b in backends:
+        r, c = multiples[b]
+        if out_features % r == 0 and in_features % c == 0:
+            return b
+    return None
+
+
+def _available_semi_structured_backends() -> tuple[str, ...]:
+    cslt = getattr(torch.backends, "cusparselt", None)
+    return ("cusparselt", "cutlass") if cslt is not None and cslt.is_available() else ("cutlass",)
+
+
+# compressed weight -> (its version, the semi-structured weight); rebuilt if values change
+# (keyed by identity: tensors compare elementwise, so a plain WeakKeyDictionary cannot hold them)
+_SEMI_STRUCTURED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _semi_structured_weight(values, positions, n, m, in_features, backend):
+    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+
+    key = (values._version, positions._version, positions.data_ptr(), backend)
+    hit = _SEMI_STRUCTURED.get(values)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    saved = SparseSemiStructuredTensor._FORCE_CUTLASS
+    SparseSemiStructuredTensor._FORCE_CUTLASS = backend == "cutlass"
+    try:
+        with warnings.catch_warnings():  # "prototype stage" notice, once per weight: not the user's concern
+            warnings.simplefilter("ignore", UserWarning)
+            w = to_sparse_semi_structured(unpack(values, positions, n, m, in_features))
+    finally:
+        SparseSemiStructuredTensor._FORCE_CUTLASS = saved
+    _SEMI_STRUCTURED[values] = (key, w)
+    return w
+
+
+def nm_linear_cuda_large(x, values, positions, bias, n, m, threshold):
+    """``sparsec::nm_linear`` on CUDA above the GEMV's batch: semi-structured where it wins,
+    else a dense GEMM on the unpacked weight (the same kept weights either way)."""
+    from .activation import threshold_reference
+
+    k = x.shape[-1]
+    tokens = x.numel() // max(k, 1)
+    route = semi_structured_route(tokens, values.shape[0], k, n, m, x.dtype,
+                                  torch.cuda.get_device_capability(x.device),
+                                  _available_semi_structured_backends())
+    if route is None:
+        return nm_linear_reference(x, values, positions, bias, n, m, threshold)
+    xs = threshold_reference(x, threshold) if threshold >= 0 else x
+    w = _semi_structured_weight(values, positions, n, m, k, route)
+    y = F.linear(xs.reshape(-1, k), w, bias)
+    return y.reshape(*x.shape[:-1], values.shape[0])
 
 
 _lib = torch.library.Library("sparsec", "FRAGMENT")

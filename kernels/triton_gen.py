@@ -407,12 +407,15 @@ def sparse_cats_mlp_cuda(x, gate_weight, gate_bias, up_weight, up_bias, down_wei
 def nm_linear_cuda(x, values, positions, bias, n, m, threshold, residual=None):
     """``sparsec::nm_linear`` on CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``).
 
-    Decode sizes only (<= 16 tokens): at larger batch the op uses the dense path, where
-    cuSPARSELt/CUTLASS 2:4 (``to_sparse_semi_structured``) would be the kernel to route to."""
+    Decode sizes (<= 16 tokens) run the generated GEMV; larger batches on CUDA go to
+    ``nm.nm_linear_cuda_large`` (semi-structured 2:4 where it wins, else dense)."""
     from . import nm
 
     k = x.shape[-1]
     rows = x.numel() // max(k, 1)
+    if rows > MAX_BATCH and x.is_cuda:
+        y = nm.nm_linear_cuda_large(x, values, positions, bias, n, m, threshold)
+        return y if residual is None else y + residual
     if rows == 0 or rows > MAX_BATCH or x.dtype not in _TL_DTYPE or not available():
         y = nm.nm_linear_reference(x, values, positions, bias, n, m, threshold)
         return y if residual is None else y + residual

@@ -58,7 +58,7 @@ def test_pack_rejects_a_mask_that_is_not_n_of_m():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (3, 4)])
-@pytest.mark.parametrize("batch", [1, 3, 16, 33])
+@pytest.mark.parametrize("batch", [1, 2, 3, 16, 33])  # 1 and 2: the multi-row 2:4 paths
 def test_nm_linear_kernel_matches_masked_dense(dtype, n, m, batch):
     g = torch.Generator().manual_seed(batch + n)
     out_f, in_f = 4099 if batch == 1 else 131, 1000
@@ -251,3 +251,35 @@ def test_compile_without_plan_scores_on_example_inputs():
     k2 = nm.nm_mask(w2.abs() * h_dense.pow(2).sum(0).sqrt(), 2, 4)
     ref = F.linear(torch.relu(F.linear(x, w0 * k0, mlp[0].bias)), w2 * k2, mlp[2].bias)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_semi_structured_route_only_where_tensor_cores_can_win():
+    """CUDA prefill of 2:4 half-precision weights goes to cuSPARSELt/CUTLASS; everything else
+    (decode sizes, other patterns, fp32, pre-Ampere, shapes outside the backends' tiles) not."""
+    r = nm.semi_structured_route
+    big = dict(out_features=4096, in_features=4096, n=2, m=4)
+    assert r(512, dtype=torch.bfloat16, capability=(9, 0), **big) == "cusparselt"
+    assert r(512, dtype=torch.float16, capability=(8, 0), backends=("cutlass",), **big) == "cutlass"
+    assert r(16, dtype=torch.bfloat16, capability=(9, 0), **big) is None            # decode: Triton GEMV
+    assert r(nm.SEMI_STRUCTURED_MIN_TOKENS - 1, dtype=torch.bfloat16, capability=(9, 0), **big) is None
+    assert r(512, dtype=torch.float32, capability=(9, 0), **big) is None           # no fp32 tensor-core 2:4 here
+    assert r(512, dtype=torch.bfloat16, capability=(7, 5), **big) is None          # Turing: no sparse cores
+    assert r(512, dtype=torch.bfloat16, capability=None, **big) is None
+    assert r(512, 4096, 4096, 4, 8, torch.bfloat16, (9, 0)) is None                # 4:8 is not the hardware's
+    assert r(512, 4096, 4096, 1, 4, torch.bfloat16, (9, 0)) is None
+    assert r(512, 256, 256, 2, 4, torch.bfloat16, (9, 0)) is None                  # tiny: launch-bound
+    # 4104 rows: a multiple of 8, not of 16 or 32 -> neither backend's tile
+    assert r(512, 4104, 4096, 2, 4, torch.bfloat16, (9, 0)) is None
+    # 4112 x 4112: cuSPARSELt's 16-multiples fit, CUTLASS's 64 columns do not
+    assert r(512, 4112, 4112, 2, 4, torch.bfloat16, (9, 0)) == "cusparselt"
+    assert r(512, 4112, 4112, 2, 4, torch.bfloat16, (9, 0), backends=("cutlass",)) is None
+
+
+def test_cpu_tensors_never_take_the_cuda_route():
+    x = torch.randn(40, 64)
+    w = torch.randn(32, 64)
+    v, p = nm.pack(w, nm.nm_mask(w.abs(), 2, 4), 2, 4)
+    from sparsec.kernels import triton_gen as tg
+
+    torch.testing.assert_close(tg.nm_linear_cuda(x, v, p, None, 2, 4, -1.0),
+                               nm.nm_linear_reference(x, v, p, None, 2, 4, -1.0))

@@ -104,36 +104,58 @@ inline int64_t nm_row(const T* v, const uint8_t* p, const float* xf, int64_t K, 
 // Lane j's input index is (j / 2) * 4 + pos_j; one VPERMT2PS picks those 16 inputs out of the
 // 32, then one full-width FMA with the 16 values. (The expand path above does half the work
 // per instruction: measured 0.98x of F.linear fp32.)
+//
+// R output rows at once share the input loads and keep R value streams in flight: at batch 1
+// fp32 (one stream per call before) R = 4 took cold 4096x4096 / 11008x4096 / 4096x11008 from
+// 1.65-1.70x / 1.35-1.39x / 1.55-1.62x of F.linear to 1.82-1.93x / 1.50-1.54x / 1.64-1.71x
+// (three interleaved runs; R = 2 and R = 8 in between). R * BB * 2 accumulators stay <= 8.
+#if defined(SPARSEC_NM_AVX512)
 #ifndef NM_PREFETCH
-#define NM_PREFETCH 512
+#define NM_PREFETCH 256  // values ahead on each stream; 512 (one stream) and 1024 into L2 measured no better
 #endif
-template <int BB, typename T>
-inline int64_t nm24_row(const T* v, const uint8_t* p, const float* xf, int64_t K, float* acc) {
+template <int R, int BB, typename T>
+inline int64_t nm24_rows(const T* const* v, const uint8_t* const* p, const float* xf, int64_t K, float* const* acc) {
   const __m512i shifts = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
   const __m512i three = _mm512_set1_epi32(3);
   const __m512i base = _mm512_set_epi32(28, 28, 24, 24, 20, 20, 16, 16, 12, 12, 8, 8, 4, 4, 0, 0);
-  __m512 a0[BB], a1[BB];
-  for (int b = 0; b < BB; ++b) a0[b] = a1[b] = _mm512_setzero_ps();
+  __m512 a0[R][BB], a1[R][BB];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < BB; ++b) a0[r][b] = a1[r][b] = _mm512_setzero_ps();
   int64_t i = 0, k0 = 0;
   for (; k0 + 64 <= K; k0 += 64, i += 32) {
-    uint32_t w0, w1;
-    std::memcpy(&w0, p + (i >> 2), 4);
-    std::memcpy(&w1, p + (i >> 2) + 4, 4);
-    const __m512i i0 = _mm512_add_epi32(base, _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32((int)w0), shifts), three));
-    const __m512i i1 = _mm512_add_epi32(base, _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32((int)w1), shifts), three));
-    // software prefetch 512 values ahead on the value stream: cold 4096x4096 fp32 went from
-    // 1.27x to 1.40x of F.linear (1024 ahead: no better, within this machine's noise)
-    _mm_prefetch(reinterpret_cast<const char*>(v + i + NM_PREFETCH), _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(v + i + NM_PREFETCH + 16), _MM_HINT_T0);
-    const __m512 v0 = load16m(v + i, 0xFFFF), v1 = load16m(v + i + 16, 0xFFFF);
-    for (int b = 0; b < BB; ++b) {
-      const float* x = xf + b * K + k0;
-      a0[b] = _mm512_fmadd_ps(v0, _mm512_permutex2var_ps(_mm512_loadu_ps(x), i0, _mm512_loadu_ps(x + 16)), a0[b]);
-      a1[b] = _mm512_fmadd_ps(v1, _mm512_permutex2var_ps(_mm512_loadu_ps(x + 32), i1, _mm512_loadu_ps(x + 48)), a1[b]);
+    for (int r = 0; r < R; ++r) {
+      uint64_t w;
+      std::memcpy(&w, p[r] + (i >> 2), 8);
+      const __m512i i0 = _mm512_add_epi32(
+          base, _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(w))), shifts), three));
+      const __m512i i1 = _mm512_add_epi32(
+          base, _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(w >> 32))), shifts), three));
+      _mm_prefetch(reinterpret_cast<const char*>(v[r] + i + NM_PREFETCH), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(v[r] + i + NM_PREFETCH + 16), _MM_HINT_T0);
+      const __m512 v0 = load16m(v[r] + i, 0xFFFF), v1 = load16m(v[r] + i + 16, 0xFFFF);
+      for (int b = 0; b < BB; ++b) {
+        const float* x = xf + b * K + k0;
+        a0[r][b] = _mm512_fmadd_ps(v0, _mm512_permutex2var_ps(_mm512_loadu_ps(x), i0, _mm512_loadu_ps(x + 16)), a0[r][b]);
+        a1[r][b] = _mm512_fmadd_ps(v1, _mm512_permutex2var_ps(_mm512_loadu_ps(x + 32), i1, _mm512_loadu_ps(x + 48)), a1[r][b]);
+      }
     }
   }
-  for (int b = 0; b < BB; ++b) acc[b] += _mm512_reduce_add_ps(_mm512_add_ps(a0[b], a1[b]));
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < BB; ++b) acc[r][b] += _mm512_reduce_add_ps(_mm512_add_ps(a0[r][b], a1[r][b]));
   return i;
+}
+#endif
+
+// The kept values from ``i`` on of one output row, scalar (any n:m; the vector paths' tails).
+template <typename T>
+inline void nm_tail(const T* v, const uint8_t* p, int64_t i, int64_t kept, int64_t n, int64_t m, int bits,
+                    uint32_t mask, const float* xf, int64_t B, int64_t K, float* acc) {
+  for (; i < kept; ++i) {
+    const int64_t byte = (i * bits) >> 3, shift = (i * bits) & 7;
+    const int64_t k = (i / n) * m + ((p[byte] >> shift) & mask);
+    const float w = f32(v[i]);
+    for (int64_t b = 0; b < B; ++b) acc[b] += w * xf[b * K + k];
+  }
 }
 
 template <typename T>
@@ -145,7 +167,31 @@ void nm_impl(const float* xf, int64_t B, int64_t K, const T* vals, const uint8_t
   const uint8_t* lut = (n == 2 && m == 4) ? lut24.t : nullptr;
   (void)lut;
   at::parallel_for(0, O, 16, [&](int64_t o0, int64_t o1) {
-    for (int64_t o = o0; o < o1; ++o) {
+    int64_t o = o0;
+#if defined(SPARSEC_NM_AVX512)
+    // 2:4: 4 rows at once at batch 1, 2 at batch 2, else one row per 4 batch rows
+    if (n == 2 && m == 4 && B <= 2) {
+      const int R = B == 1 ? 4 : 2;
+      for (; o + R <= o1; o += R) {
+        const T* v[4];
+        const uint8_t* p[4];
+        float acc[4][2] = {};
+        float* ap[4];
+        for (int r = 0; r < R; ++r) {
+          v[r] = vals + (o + r) * kept;
+          p[r] = pos + (o + r) * pbytes;
+          ap[r] = acc[r];
+        }
+        const int64_t i = B == 1 ? nm24_rows<4, 1>(v, p, xf, K, ap) : nm24_rows<2, 2>(v, p, xf, K, ap);
+        for (int r = 0; r < R; ++r) {
+          nm_tail(v[r], p[r], i, kept, n, m, bits, mask, xf, B, K, acc[r]);
+          for (int64_t b = 0; b < B; ++b)
+            y[b * O + o + r] = static_cast<T>(acc[r][b] + (bias ? f32(bias[o + r]) : 0.f));
+        }
+      }
+    }
+#endif
+    for (; o < o1; ++o) {
       const T* v = vals + o * kept;
       const uint8_t* p = pos + o * pbytes;
       float acc[16];
@@ -156,11 +202,12 @@ void nm_impl(const float* xf, int64_t B, int64_t K, const T* vals, const uint8_t
         for (int64_t b0 = 0; b0 < B; b0 += 4) {
           const int64_t bb = std::min<int64_t>(4, B - b0);
           const float* xb = xf + b0 * K;
+          float* ap[1] = {acc + b0};
           switch (bb) {
-            case 1: i = nm24_row<1>(v, p, xb, K, acc + b0); break;
-            case 2: i = nm24_row<2>(v, p, xb, K, acc + b0); break;
-            case 3: i = nm24_row<3>(v, p, xb, K, acc + b0); break;
-            default: i = nm24_row<4>(v, p, xb, K, acc + b0); break;
+            case 1: i = nm24_rows<1, 1>(&v, &p, xb, K, ap); break;
+            case 2: i = nm24_rows<1, 2>(&v, &p, xb, K, ap); break;
+            case 3: i = nm24_rows<1, 3>(&v, &p, xb, K, ap); break;
+            default: i = nm24_rows<1, 4>(&v, &p, xb, K, ap); break;
           }
         }
       } else if (16 % m == 0) {
@@ -176,12 +223,7 @@ void nm_impl(const float* xf, int64_t B, int64_t K, const T* vals, const uint8_t
         }
       }
 #endif
-      for (; i < kept; ++i) {
-        const int64_t byte = (i * bits) >> 3, shift = (i * bits) & 7;
-        const int64_t k = (i / n) * m + ((p[byte] >> shift) & mask);
-        const float w = f32(v[i]);
-        for (int64_t b = 0; b < B; ++b) acc[b] += w * xf[b * K + k];
-      }
+      nm_tail(v, p, i, kept, n, m, bits, mask, xf, B, K, acc);
       for (int64_t b = 0; b < B; ++b) y[b * O + o] = static_cast<T>(acc[b] + (bias ? f32(bias[o]) : 0.f));
     }
   });
