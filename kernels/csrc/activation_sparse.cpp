@@ -14,6 +14,7 @@
 // -mfma, or nothing); the same source compiles to each. Accumulation is always fp32.
 
 #include <torch/extension.h>
+#include <ATen/cpu/Utils.h>
 #include <torch/library.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -68,7 +69,10 @@ inline float to_f(c10::BFloat16 v) { return static_cast<float>(v); }
 #endif
 // accumulator floats per tile (all batch rows together): B * tile_n <= SPARSEC_ACC_FLOATS
 inline int64_t tile_n_for(int64_t B) {
-  int64_t t = (SPARSEC_ACC_FLOATS / B) & ~int64_t(15);
+  // 12+ rows: half the budget keeps the accumulators nearer L1 (bf16, full density, batch 16:
+  // 26.5 / 24.3 / 9.6 ms instead of 35.7 / 33.8 / 13.3 on 4096x11008 / 11008x4096 / 4096^2)
+  const int64_t budget = B >= 12 ? SPARSEC_ACC_FLOATS / 2 : SPARSEC_ACC_FLOATS;
+  int64_t t = (budget / B) & ~int64_t(15);
   return t < 256 ? 256 : t;
 }
 constexpr int ROWS = 4;  // active rows fused per pass over the accumulator tile
@@ -144,6 +148,58 @@ inline void axpy_rows(float* acc, int64_t n, const T* const* w, const float* c, 
     acc[j] += c[0] * to_f(w[0][j]) + c[1] * to_f(w[1][j]) + c[2] * to_f(w[2][j]) + c[3] * to_f(w[3][j]);
 }
 
+#if defined(SPARSEC_AVX512)
+// The same for B >= 2 batch rows: each weight vector is loaded (bf16: widened) once and
+// applied to every batch row (on[b] == 0: row b has no active input in this group, skipped),
+// where axpy_rows per row re-loaded and re-widened it B times. Same summation order, so the
+// same results. bf16 at full density, 4096x11008: batch 4 16.0 -> 10.0 ms, batch 16 41.0 ->
+// 35.7 ms (26.5 with the smaller tile below; oneDNN with AMX: 11.5 ms). fp32 batch 4 went
+// from 1.46-1.52x to 1.90-1.93x of F.linear at s = 0.5, batch 16 at s = 0.9 from 1.5-1.7x to 2.4-2.7x.
+template <typename T>
+inline void axpy_rows_multi(float* acc, int64_t stride, int64_t B, int64_t n, const T* const* w, const float* c,
+                            const uint8_t* on, const T* const* next) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+#if SPARSEC_PREFETCH
+    if (next && (j * sizeof(T)) % 64 == 0) {
+      _mm_prefetch(reinterpret_cast<const char*>(next[0] + j), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(next[1] + j), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(next[2] + j), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(next[3] + j), _MM_HINT_T0);
+    }
+#endif
+    const __m512 w0 = load16(w[0] + j), w1 = load16(w[1] + j), w2 = load16(w[2] + j), w3 = load16(w[3] + j);
+    for (int64_t b = 0; b < B; ++b) {
+      if (!on[b]) continue;
+      const float* cb = c + ROWS * b;
+      float* ap = acc + b * stride + j;
+      __m512 a = _mm512_loadu_ps(ap);
+      a = _mm512_fmadd_ps(_mm512_set1_ps(cb[0]), w0, a);
+      a = _mm512_fmadd_ps(_mm512_set1_ps(cb[1]), w1, a);
+      a = _mm512_fmadd_ps(_mm512_set1_ps(cb[2]), w2, a);
+      a = _mm512_fmadd_ps(_mm512_set1_ps(cb[3]), w3, a);
+      _mm512_storeu_ps(ap, a);
+    }
+  }
+  if (j < n) {
+    const __mmask16 m = (__mmask16)((1u << (n - j)) - 1u);
+    const __m512 w0 = load16m(w[0] + j, m), w1 = load16m(w[1] + j, m), w2 = load16m(w[2] + j, m),
+                 w3 = load16m(w[3] + j, m);
+    for (int64_t b = 0; b < B; ++b) {
+      if (!on[b]) continue;
+      const float* cb = c + ROWS * b;
+      float* ap = acc + b * stride + j;
+      __m512 a = _mm512_maskz_loadu_ps(m, ap);
+      a = _mm512_fmadd_ps(_mm512_set1_ps(cb[0]), w0, a);
+      a = _mm512_fmadd_ps(_mm512_set1_ps(cb[1]), w1, a);
+      a = _mm512_fmadd_ps(_mm512_set1_ps(cb[2]), w2, a);
+      a = _mm512_fmadd_ps(_mm512_set1_ps(cb[3]), w3, a);
+      _mm512_mask_storeu_ps(ap, m, a);
+    }
+  }
+}
+#endif
+
 template <typename T>
 inline float dot(const T* w, const float* x, int64_t n) {
   int64_t j = 0;
@@ -197,6 +253,18 @@ void accumulate_rows(const T* wt, int64_t N, const std::vector<int64_t>& rows, c
           w[r] = (i + r < nact) ? wt + rows[i + r] * N + n0 : zero_row.data();
           nx[r] = (i + ROWS + r < nact) ? wt + rows[i + ROWS + r] * N + n0 : zero_row.data();
         }
+#if defined(SPARSEC_AVX512)
+        if (B > 1 && B <= 16) {
+          float c[16 * ROWS];
+          uint8_t on[16];
+          for (int64_t b = 0; b < B; ++b) {
+            for (int r = 0; r < ROWS; ++r) c[b * ROWS + r] = (i + r < nact) ? coef[(i + r) * B + b] : 0.f;
+            on[b] = c[b * ROWS] != 0.f || c[b * ROWS + 1] != 0.f || c[b * ROWS + 2] != 0.f || c[b * ROWS + 3] != 0.f;
+          }
+          axpy_rows_multi(acc.data(), TILE_N, B, n, w, c, on, nx);
+          continue;
+        }
+#endif
         bool first = true;
         for (int64_t b = 0; b < B; ++b) {
           float c[ROWS];
@@ -268,6 +336,52 @@ void check2d(const torch::Tensor& t, const char* name) {
               " must be a contiguous 2-D CPU tensor, got shape ", t.sizes(), " strides ", t.strides());
 }
 
+// Union density of active inputs above which a dense GEMM beats the kernel (>= 1: never).
+// Measured here (1 thread, cold weights, bench/kernels.py and a full-density sweep; the
+// kernel's time is about proportional to the density it reads):
+//  - fp32: MKL's GEMM, batch 16 at s_read ~0: kernel 0.91-0.94x of it; s_read 0.19: 1.7x.
+//  - bf16 on a CPU with AMX: oneDNN's GEMM runs 10-12 ms on 4096x11008 from batch 2 on (the
+//    kernel: 10.0 at batch 4, 13.7-17.8 at 8, 20 at 12, 24-27 at 16), but 20 ms at batch 1
+//    (no AMX path for a GEMV): break-even about 1.0 at batch 2-4, 0.62-0.8 at 8, 0.52-0.64
+//    at 12, 0.41-0.52 at 16.
+//  - bf16 without AMX: the library GEMM is 2x slower, so the fp32 rule.
+inline bool cpu_has_amx_bf16() {
+  static const bool has = [] {
+    auto caps = at::cpu::get_cpu_capabilities();
+    auto it = caps.find("amx_bf16");
+    return it != caps.end() && it->second.isBool() && it->second.toBool();
+  }();
+  return has;
+}
+
+// xs = s_t(x) (NaN stays, as in the kernel) and the number of inputs active in any row, in
+// one pass: the five ATen ops it replaces cost 0.3 ms at 16 x 4096, 7% of a bf16 GEMM.
+template <typename T>
+int64_t threshold_union(const T* x, int64_t B, int64_t K, float thr, T* xs) {
+  thread_local std::vector<uint8_t> any;
+  any.assign(static_cast<size_t>(K), 0);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t k = 0; k < K; ++k) {
+      const bool a = active(to_f(x[b * K + k]), thr);
+      xs[b * K + k] = a ? x[b * K + k] : T(0.f);
+      any[k] |= a;
+    }
+  int64_t n = 0;
+  for (int64_t k = 0; k < K; ++k) n += any[k];
+  return n;
+}
+
+inline double dense_density_limit(at::ScalarType dtype, int64_t B) {
+  if (dtype == at::kBFloat16 && cpu_has_amx_bf16()) {
+    if (B <= 1) return 2.0;
+    if (B <= 4) return 0.95;
+    if (B <= 8) return 0.65;
+    if (B <= 12) return 0.55;
+    return 0.45;
+  }
+  return B >= 8 ? 0.9 : 2.0;
+}
+
 torch::Tensor sparse_linear(torch::Tensor x, torch::Tensor wt, c10::optional<torch::Tensor> bias, double thr,
                             c10::optional<torch::Tensor> weight) {
   check2d(x, "x");
@@ -278,13 +392,16 @@ torch::Tensor sparse_linear(torch::Tensor x, torch::Tensor wt, c10::optional<tor
   const int64_t B = x.size(0), K = x.size(1), N = wt.size(1);
   auto y = torch::empty({B, N}, x.options());
   if (B == 0 || N == 0) return y;
-  if (x.scalar_type() == torch::kFloat && B >= 8) {
-    // fp32 at 8+ rows: when the rows' active channels together cover nearly all inputs, MKL's
-    // GEMM beats streaming rows (bench/kernels.py, batch 16, s_read ~0: 0.86-0.98x dense;
-    // s_read 0.19: 1.7x): take the dense path above 90% union density
-    auto keep = x.abs().gt(thr).logical_or(x.isnan());
-    if (keep.any(0).sum().item<int64_t>() > (K * 9) / 10) {
-      auto xs = at::where(keep, x, at::zeros({}, x.options()));
+  const double limit = dense_density_limit(x.scalar_type(), B);
+  if (limit < 1.0) {
+    // when the rows' active channels together cover enough of the inputs, the library GEMM
+    // beats streaming rows: take the dense path above the measured break-even union density
+    auto xs = torch::empty_like(x);
+    const int64_t cover = x.scalar_type() == torch::kFloat
+                              ? threshold_union(x.data_ptr<float>(), B, K, (float)thr, xs.data_ptr<float>())
+                              : threshold_union(x.data_ptr<c10::BFloat16>(), B, K, (float)thr,
+                                                xs.data_ptr<c10::BFloat16>());
+    if (cover > static_cast<int64_t>(limit * K)) {
       // the original [out, in] weight when the graph passes it: MKL on the transposed copy
       // (x @ Wt) measured ~10% slower than F.linear's x @ W^T at batch 16
       if (weight) return at::linear(xs, *weight, bias);
