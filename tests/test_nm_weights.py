@@ -283,3 +283,37 @@ def test_cpu_tensors_never_take_the_cuda_route():
 
     torch.testing.assert_close(tg.nm_linear_cuda(x, v, p, None, 2, 4, -1.0),
                                nm.nm_linear_reference(x, v, p, None, 2, 4, -1.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (3, 16), (1, 2)])
+def test_cpp_unpack_is_exactly_the_reference_unpack(dtype, n, m):
+    """The C++ unpack feeds the prefill path (> 16 tokens): bit-exact with the torch one."""
+    from sparsec.kernels import cpu
+
+    ext = cpu.extension()
+    assert ext is not None, "the C++ kernels must build on the CI machine"
+    g = torch.Generator().manual_seed(n * 31 + m)
+    # odd row count; widths with and without a tail after the 16-column vector path
+    for out_f, in_f in ((37, m * 23), (5, m * 16)):
+        w = torch.randn(out_f, in_f, generator=g).to(dtype)
+        v, p = nm.pack(w, nm.nm_mask(w.abs().float(), n, m), n, m)
+        got = ext.nm_unpack(v, p, n, m, in_f)
+        assert torch.equal(got, nm.unpack(v, p, n, m, in_f))
+    with pytest.raises(RuntimeError, match="do not fit"):
+        ext.nm_unpack(v, p, n, m, in_f + m)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_f,in_f", [(61, 96), (203, 4096)])  # one GEMM; blocks of 64/128 rows + a tail
+def test_prefill_sized_input_matches_masked_dense(dtype, out_f, in_f):
+    g = torch.Generator().manual_seed(out_f)
+    w = torch.randn(out_f, in_f, generator=g).to(dtype)
+    keep = nm.nm_mask(w.abs().float(), 2, 4)
+    v, p = nm.pack(w, keep, 2, 4)
+    b = torch.randn(out_f, generator=g).to(dtype)
+    x = torch.randn(3, 7, in_f, generator=g).to(dtype)  # 21 tokens: above the kernel's 16, unpack + GEMM
+    for t in (-1.0, 0.5):
+        xs = x if t < 0 else sparsec.kernels.activation.threshold_reference(x, t)
+        got = torch.ops.sparsec.nm_linear(x, v, p, b, 2, 4, t)
+        torch.testing.assert_close(got, F.linear(xs, w * keep, b))

@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstring>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -253,6 +254,12 @@ bool prepare_x(const T* x, int64_t count, double thr, float* out) {
 at::Tensor sparsec_nm_unpack(const at::Tensor& values, const at::Tensor& positions, int64_t n, int64_t m,
                              int64_t in_features);
 
+// The dense weight for one GEMM, unpacked into a per-thread buffer kept between calls: a
+// fresh 64 MB tensor per call spent most of its time in page faults (unpack of a 4096x4096
+// fp32 weight 42 ms into new memory). The buffer holds the largest weight seen (prefill only).
+at::Tensor unpack_scratch(const at::Tensor& values, const at::Tensor& positions, int64_t n, int64_t m,
+                          int64_t in_features, int64_t row0, int64_t nrows);
+
 namespace {
 at::Tensor nm_reference(const at::Tensor& x, const at::Tensor& values, const at::Tensor& positions,
                         const c10::optional<at::Tensor>& bias, int64_t n, int64_t m, double thr) {
@@ -261,7 +268,27 @@ at::Tensor nm_reference(const at::Tensor& x, const at::Tensor& values, const at:
     auto xa = (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) ? x.abs() : x.abs().to(at::kFloat);
     xs = at::where(xa.gt(thr).logical_or(x.isnan()), x, at::zeros({}, x.options()));
   }
-  return at::linear(xs, sparsec_nm_unpack(values, positions, n, m, x.size(-1)), bias);
+  const int64_t K = x.size(-1), O = values.size(0);
+  const bool cpu = x.device().is_cpu() && values.device().is_cpu() && positions.device().is_cpu() &&
+                   positions.scalar_type() == at::kByte;
+  // Blocks of output rows whose weight (~1 MiB) is unpacked into L2 and multiplied at once:
+  // unpacking the whole weight first wrote and re-read it through DRAM. 4096x4096 at 128
+  // tokens, 1 thread: fp32 71.5 ms whole / 62.6 ms in blocks (dense GEMM alone 51.5 ms),
+  // bf16 20.5 / 19.1 ms (oneDNN AMX GEMM 13.2 ms). ATen's scatter before: 380 ms for bf16.
+  // Not within 5% of dense: only a cached dense copy would be, at 1.8x the compressed bytes.
+  const int64_t blk = std::max<int64_t>(32, (int64_t(1) << 20) / std::max<int64_t>(1, K * values.element_size()));
+  if (!cpu || blk >= O || K == 0) return at::linear(xs, unpack_scratch(values, positions, n, m, K, 0, O), bias);
+  auto x2 = xs.reshape({-1, K});
+  auto y = at::empty({x2.size(0), O}, x.options());
+  for (int64_t o0 = 0; o0 < O; o0 += blk) {
+    const int64_t len = std::min(blk, O - o0);
+    auto w = unpack_scratch(values, positions, n, m, K, o0, len);
+    auto part = bias ? at::addmm(bias->narrow(0, o0, len), x2, w.t()) : at::mm(x2, w.t());
+    y.narrow(1, o0, len).copy_(part);
+  }
+  auto sizes = x.sizes().vec();
+  sizes.back() = O;
+  return y.view(sizes);
 }
 }  // namespace
 
@@ -305,18 +332,102 @@ at::Tensor sparsec_nm_linear(const at::Tensor& x_, const at::Tensor& values, con
   return y;
 }
 
-// Dense weight from the compressed format (ATen ops): the path for prefill-sized inputs and
-// other dtypes, and the kernels' reference.
+// Dense weight from the compressed format: the path for prefill-sized inputs and other
+// dtypes, and the kernels' reference. One pass per row: zero it, drop each kept value at
+// its position (ATen's scatter did this in 380 ms for a 4096x4096 bf16 weight, far more
+// than the GEMM it feeds; this loop runs at memory speed). Other devices: ATen ops.
+namespace {
+template <typename T>
+void unpack_rows(const T* v, const uint8_t* p, int64_t O, int64_t kept, int64_t pbytes, int64_t n, int64_t m,
+                 int64_t K, T* w) {
+  const int bits = bits_for(m);
+  const uint32_t mask = (1u << bits) - 1u;
+  at::parallel_for(0, O, 64, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) {
+      T* row = w + o * K;
+      const T* vr = v + o * kept;
+      const uint8_t* pr = p + o * pbytes;
+      int64_t done = 0;  // dense columns written by the vector path
+#if defined(SPARSEC_NM_AVX512)
+      if (n == 2 && m == 4 && (sizeof(T) == 4 || std::is_same<T, c10::BFloat16>::value)) {
+        // 16 columns = 4 groups = 8 kept values = 2 bytes of positions: one expanding load
+        static const Lut24 lut;
+        for (; done + 16 <= K; done += 16) {
+          const int64_t i = done / 2;
+          const __mmask16 keep =
+              static_cast<__mmask16>(lut.t[pr[i >> 2]] | (static_cast<uint32_t>(lut.t[pr[(i >> 2) + 1]]) << 8));
+          if constexpr (sizeof(T) == 4) {
+            _mm512_storeu_ps(reinterpret_cast<float*>(row + done),
+                             _mm512_maskz_expandloadu_ps(keep, reinterpret_cast<const float*>(vr + i)));
+          } else {  // bf16 through 32-bit lanes: widen, expand, narrow (exact)
+            const __m512i wide = _mm512_cvtepu16_epi32(
+                _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(vr + i))));
+            _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + done),
+                                _mm512_cvtepi32_epi16(_mm512_maskz_expand_epi32(keep, wide)));
+          }
+        }
+      }
+#endif
+      if (done == K) continue;
+      std::memset(static_cast<void*>(row + done), 0, sizeof(T) * (K - done));
+      // group by group: a division per value (i / n) cost more than the whole copy
+      for (int64_t i = done / m * n, base = done; i < kept; base += m)
+        for (int64_t j = 0; j < n; ++j, ++i) {
+          const int64_t bit = i * bits;
+          row[base + ((pr[bit >> 3] >> (bit & 7)) & mask)] = vr[i];
+        }
+    }
+  });
+}
+}  // namespace
+
 at::Tensor sparsec_nm_unpack(const at::Tensor& values, const at::Tensor& positions, int64_t n, int64_t m,
                              int64_t in_features) {
   const int bits = bits_for(m);
   const int64_t O = values.size(0), kept = values.size(1);
+  TORCH_CHECK(kept * m == in_features * n, "sparsec nm_unpack: ", n, ":", m, " values of width ", kept,
+              " do not fit ", in_features, " inputs");
+  TORCH_CHECK(positions.dim() == 2 && positions.size(0) == O && positions.size(1) * 8 >= kept * bits,
+              "sparsec nm_unpack: positions of shape ", positions.sizes(), " do not hold ", kept, " x ", bits, " bits");
+  if (values.device().is_cpu() && positions.device().is_cpu() && positions.scalar_type() == at::kByte) {
+    auto vals = values.contiguous();
+    auto pos = positions.contiguous();
+    auto w = at::empty({O, in_features}, values.options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, vals.scalar_type(), "sparsec_nm_unpack", [&] {
+      unpack_rows<scalar_t>(vals.data_ptr<scalar_t>(), pos.data_ptr<uint8_t>(), O, kept, pos.size(1), n, m,
+                            in_features, w.data_ptr<scalar_t>());
+    });
+    return w;
+  }
   auto shifts = at::arange(0, 8, bits, positions.options().dtype(at::kInt));
   auto pv = positions.to(at::kInt).unsqueeze(-1).bitwise_right_shift(shifts).bitwise_and((1 << bits) - 1);
   pv = pv.reshape({O, -1}).narrow(1, 0, kept).to(at::kLong);
   auto base = at::arange(kept, positions.options().dtype(at::kLong)).div(n, "floor").mul(m);
   auto w = at::zeros({O, in_features}, values.options());
   return w.scatter_(1, pv + base, values);
+}
+
+at::Tensor unpack_scratch(const at::Tensor& values, const at::Tensor& positions, int64_t n, int64_t m,
+                          int64_t in_features, int64_t row0, int64_t nrows) {
+  if (!values.device().is_cpu() || !positions.device().is_cpu() || positions.scalar_type() != at::kByte)
+    return sparsec_nm_unpack(values, positions, n, m, in_features).narrow(0, row0, nrows);
+  const int bits = bits_for(m);
+  const int64_t O = values.size(0), kept = values.size(1);
+  TORCH_CHECK(kept * m == in_features * n && positions.dim() == 2 && positions.size(0) == O &&
+                  positions.size(1) * 8 >= kept * bits,
+              "sparsec nm_linear: ", n, ":", m, " values ", values.sizes(), " / positions ", positions.sizes(),
+              " do not fit ", in_features, " inputs");
+  thread_local at::Tensor scratch;
+  const int64_t bytes = nrows * in_features * static_cast<int64_t>(values.element_size());
+  if (!scratch.defined() || scratch.numel() < bytes) scratch = at::empty({bytes}, values.options().dtype(at::kByte));
+  auto w = scratch.narrow(0, 0, bytes).view(values.scalar_type()).view({nrows, in_features});
+  auto vals = values.contiguous();
+  auto pos = positions.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, vals.scalar_type(), "sparsec_nm_unpack", [&] {
+    unpack_rows<scalar_t>(vals.data_ptr<scalar_t>() + row0 * kept, pos.data_ptr<uint8_t>() + row0 * pos.size(1),
+                          nrows, kept, pos.size(1), n, m, in_features, w.data_ptr<scalar_t>());
+  });
+  return w;
 }
 
 at::Tensor sparsec_nm_linear_op(const at::Tensor& x, const at::Tensor& values, const at::Tensor& positions,
