@@ -52,6 +52,23 @@ def test_sparse_linear_matches_reference(ext, dtype, batch, k, n, sparsity):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [2, 4, 7, 12, 16])
+def test_multi_token_kernel_path_with_shared_inactive_inputs(ext, dtype, batch):
+    """Tokens that share their inactive inputs keep the union density low, so the kernel's
+    multi-token path runs (not the dense fallback) at every batch size and dtype; some
+    tokens are entirely inactive in some row groups (the skip)."""
+    g = torch.Generator().manual_seed(batch)
+    k, n = 1001, 4099  # odd: a partial 4-row group and a masked column tail
+    x = torch.randn(batch, k, generator=g).to(dtype)
+    x[:, torch.randperm(k, generator=g)[: int(0.85 * k)]] = 0  # 85% of inputs off in every token
+    x[0, :500] = 0  # token 0 also inactive over a wide stretch
+    wt = (torch.randn(k, n, generator=g) / k**0.5).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype)
+    t = 1e-3
+    _close(ext.sparse_linear(x, wt, b, t), A.sparse_linear_reference(x, wt, b, t), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sparse_linear_edge_cases(ext, dtype):
     x = torch.randn(3, 37).to(dtype)
     wt = torch.randn(37, 29).to(dtype)
