@@ -98,6 +98,17 @@ inline __m256 load8(const c10::BFloat16* p) {
 }
 #endif
 
+#if defined(SPARSEC_AVX512)
+// the next group's rows at column j, once per cache line (next == nullptr: none)
+template <typename T>
+inline void prefetch_group(const T* const* next, int64_t j) {
+#if SPARSEC_PREFETCH
+  if (next && (j * sizeof(T)) % 64 == 0)
+    for (int r = 0; r < ROWS; ++r) _mm_prefetch(reinterpret_cast<const char*>(next[r] + j), _MM_HINT_T0);
+#endif
+}
+#endif
+
 template <typename T>
 inline void axpy_rows(float* acc, int64_t n, const T* const* w, const float* c, const T* const* next) {
   // acc[0:n] += c0 w0 + c1 w1 + c2 w2 + c3 w3   (ROWS == 4; unused rows have c == 0)
@@ -107,14 +118,7 @@ inline void axpy_rows(float* acc, int64_t n, const T* const* w, const float* c, 
   const __m512 c0 = _mm512_set1_ps(c[0]), c1 = _mm512_set1_ps(c[1]);
   const __m512 c2 = _mm512_set1_ps(c[2]), c3 = _mm512_set1_ps(c[3]);
   for (; j + 16 <= n; j += 16) {
-#if SPARSEC_PREFETCH
-    if (next && (j * sizeof(T)) % 64 == 0) {
-      _mm_prefetch(reinterpret_cast<const char*>(next[0] + j), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(next[1] + j), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(next[2] + j), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(next[3] + j), _MM_HINT_T0);
-    }
-#endif
+    prefetch_group(next, j);
     __m512 a = _mm512_loadu_ps(acc + j);
     a = _mm512_fmadd_ps(c0, load16(w[0] + j), a);
     a = _mm512_fmadd_ps(c1, load16(w[1] + j), a);
@@ -158,33 +162,8 @@ inline void axpy_rows(float* acc, int64_t n, const T* const* w, const float* c, 
 template <typename T>
 inline void axpy_rows_multi(float* acc, int64_t stride, int64_t B, int64_t n, const T* const* w, const float* c,
                             const uint8_t* on, const T* const* next) {
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-#if SPARSEC_PREFETCH
-    if (next && (j * sizeof(T)) % 64 == 0) {
-      _mm_prefetch(reinterpret_cast<const char*>(next[0] + j), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(next[1] + j), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(next[2] + j), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(next[3] + j), _MM_HINT_T0);
-    }
-#endif
-    const __m512 w0 = load16(w[0] + j), w1 = load16(w[1] + j), w2 = load16(w[2] + j), w3 = load16(w[3] + j);
-    for (int64_t b = 0; b < B; ++b) {
-      if (!on[b]) continue;
-      const float* cb = c + ROWS * b;
-      float* ap = acc + b * stride + j;
-      __m512 a = _mm512_loadu_ps(ap);
-      a = _mm512_fmadd_ps(_mm512_set1_ps(cb[0]), w0, a);
-      a = _mm512_fmadd_ps(_mm512_set1_ps(cb[1]), w1, a);
-      a = _mm512_fmadd_ps(_mm512_set1_ps(cb[2]), w2, a);
-      a = _mm512_fmadd_ps(_mm512_set1_ps(cb[3]), w3, a);
-      _mm512_storeu_ps(ap, a);
-    }
-  }
-  if (j < n) {
-    const __mmask16 m = (__mmask16)((1u << (n - j)) - 1u);
-    const __m512 w0 = load16m(w[0] + j, m), w1 = load16m(w[1] + j, m), w2 = load16m(w[2] + j, m),
-                 w3 = load16m(w[3] + j, m);
+  // acc[b, j:j+16] += sum_r c[b, r] w_r[j:j+16] for every active token b (m: the lanes in range)
+  auto apply = [&](int64_t j, __mmask16 m, __m512 w0, __m512 w1, __m512 w2, __m512 w3) {
     for (int64_t b = 0; b < B; ++b) {
       if (!on[b]) continue;
       const float* cb = c + ROWS * b;
@@ -196,6 +175,16 @@ inline void axpy_rows_multi(float* acc, int64_t stride, int64_t B, int64_t n, co
       a = _mm512_fmadd_ps(_mm512_set1_ps(cb[3]), w3, a);
       _mm512_mask_storeu_ps(ap, m, a);
     }
+  };
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    prefetch_group(next, j);
+    const __m512 w0 = load16(w[0] + j), w1 = load16(w[1] + j), w2 = load16(w[2] + j), w3 = load16(w[3] + j);
+    apply(j, 0xFFFF, w0, w1, w2, w3);
+  }
+  if (j < n) {
+    const __mmask16 m = (__mmask16)((1u << (n - j)) - 1u);
+    apply(j, m, load16m(w[0] + j, m), load16m(w[1] + j, m), load16m(w[2] + j, m), load16m(w[3] + j, m));
   }
 }
 #endif
