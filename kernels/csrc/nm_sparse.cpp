@@ -58,6 +58,8 @@ struct Lut24 {
                                   (((1 << ((b >> 4) & 3)) | (1 << ((b >> 6) & 3))) << 4));
   }
 };
+const Lut24 kLut24;  // shared by the 2:4 kernel and the unpack
+
 
 #if defined(SPARSEC_NM_AVX512)
 // One output row for BB (1-4) batch rows: returns the kept index where the vector part stopped.
@@ -164,8 +166,7 @@ void nm_impl(const float* xf, int64_t B, int64_t K, const T* vals, const uint8_t
              int64_t pbytes, int64_t n, int64_t m, const T* bias, T* y) {
   const int bits = bits_for(m);
   const uint32_t mask = (1u << bits) - 1u;
-  static const Lut24 lut24;
-  const uint8_t* lut = (n == 2 && m == 4) ? lut24.t : nullptr;
+  const uint8_t* lut = (n == 2 && m == 4) ? kLut24.t : nullptr;
   (void)lut;
   at::parallel_for(0, O, 16, [&](int64_t o0, int64_t o1) {
     int64_t o = o0;
@@ -254,13 +255,19 @@ bool prepare_x(const T* x, int64_t count, double thr, float* out) {
 at::Tensor sparsec_nm_unpack(const at::Tensor& values, const at::Tensor& positions, int64_t n, int64_t m,
                              int64_t in_features);
 
-// The dense weight for one GEMM, unpacked into a per-thread buffer kept between calls: a
-// fresh 64 MB tensor per call spent most of its time in page faults (unpack of a 4096x4096
-// fp32 weight 42 ms into new memory). The buffer holds the largest weight seen (prefill only).
+// Rows of the dense weight for one GEMM, unpacked into a per-thread buffer kept between
+// calls: a fresh 64 MB tensor per call spent most of its time in page faults (unpack of a
+// 4096x4096 fp32 weight 42 ms into new memory). nm_reference asks for ~1 MiB blocks, so the
+// buffer stays about that size.
 at::Tensor unpack_scratch(const at::Tensor& values, const at::Tensor& positions, int64_t n, int64_t m,
                           int64_t in_features, int64_t row0, int64_t nrows);
 
 namespace {
+// the C++ unpack handles it (else ATen ops on the tensors' device)
+bool unpack_on_cpu(const at::Tensor& values, const at::Tensor& positions) {
+  return values.device().is_cpu() && positions.device().is_cpu() && positions.scalar_type() == at::kByte;
+}
+
 at::Tensor nm_reference(const at::Tensor& x, const at::Tensor& values, const at::Tensor& positions,
                         const c10::optional<at::Tensor>& bias, int64_t n, int64_t m, double thr) {
   auto xs = x;
@@ -269,8 +276,7 @@ at::Tensor nm_reference(const at::Tensor& x, const at::Tensor& values, const at:
     xs = at::where(xa.gt(thr).logical_or(x.isnan()), x, at::zeros({}, x.options()));
   }
   const int64_t K = x.size(-1), O = values.size(0);
-  const bool cpu = x.device().is_cpu() && values.device().is_cpu() && positions.device().is_cpu() &&
-                   positions.scalar_type() == at::kByte;
+  const bool cpu = x.device().is_cpu() && unpack_on_cpu(values, positions);
   // Blocks of output rows whose weight (~1 MiB) is unpacked into L2 and multiplied at once:
   // unpacking the whole weight first wrote and re-read it through DRAM. 4096x4096 at 128
   // tokens, 1 thread: fp32 71.5 ms whole / 62.6 ms in blocks (dense GEMM alone 51.5 ms),
@@ -351,11 +357,10 @@ void unpack_rows(const T* v, const uint8_t* p, int64_t O, int64_t kept, int64_t 
 #if defined(SPARSEC_NM_AVX512)
       if (n == 2 && m == 4 && (sizeof(T) == 4 || std::is_same<T, c10::BFloat16>::value)) {
         // 16 columns = 4 groups = 8 kept values = 2 bytes of positions: one expanding load
-        static const Lut24 lut;
         for (; done + 16 <= K; done += 16) {
           const int64_t i = done / 2;
           const __mmask16 keep =
-              static_cast<__mmask16>(lut.t[pr[i >> 2]] | (static_cast<uint32_t>(lut.t[pr[(i >> 2) + 1]]) << 8));
+              static_cast<__mmask16>(kLut24.t[pr[i >> 2]] | (static_cast<uint32_t>(kLut24.t[pr[(i >> 2) + 1]]) << 8));
           if constexpr (sizeof(T) == 4) {
             _mm512_storeu_ps(reinterpret_cast<float*>(row + done),
                              _mm512_maskz_expandloadu_ps(keep, reinterpret_cast<const float*>(vr + i)));
@@ -381,22 +386,37 @@ void unpack_rows(const T* v, const uint8_t* p, int64_t O, int64_t kept, int64_t 
 }
 }  // namespace
 
-at::Tensor sparsec_nm_unpack(const at::Tensor& values, const at::Tensor& positions, int64_t n, int64_t m,
-                             int64_t in_features) {
-  const int bits = bits_for(m);
+namespace {
+void check_packed(const at::Tensor& values, const at::Tensor& positions, int64_t n, int64_t m, int64_t in_features) {
   const int64_t O = values.size(0), kept = values.size(1);
   TORCH_CHECK(kept * m == in_features * n, "sparsec nm_unpack: ", n, ":", m, " values of width ", kept,
               " do not fit ", in_features, " inputs");
-  TORCH_CHECK(positions.dim() == 2 && positions.size(0) == O && positions.size(1) * 8 >= kept * bits,
-              "sparsec nm_unpack: positions of shape ", positions.sizes(), " do not hold ", kept, " x ", bits, " bits");
-  if (values.device().is_cpu() && positions.device().is_cpu() && positions.scalar_type() == at::kByte) {
-    auto vals = values.contiguous();
-    auto pos = positions.contiguous();
+  TORCH_CHECK(positions.dim() == 2 && positions.size(0) == O && positions.size(1) * 8 >= kept * bits_for(m),
+              "sparsec nm_unpack: positions of shape ", positions.sizes(), " do not hold ", kept, " x ", bits_for(m),
+              " bits");
+}
+
+// rows [row0, row0 + w.size(0)) of the dense weight into w (CPU, checked format)
+void unpack_into(const at::Tensor& values, const at::Tensor& positions, int64_t n, int64_t m, int64_t row0,
+                 at::Tensor& w) {
+  auto vals = values.contiguous();
+  auto pos = positions.contiguous();
+  const int64_t kept = vals.size(1), pb = pos.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, vals.scalar_type(), "sparsec_nm_unpack", [&] {
+    unpack_rows<scalar_t>(vals.data_ptr<scalar_t>() + row0 * kept, pos.data_ptr<uint8_t>() + row0 * pb, w.size(0),
+                          kept, pb, n, m, w.size(1), w.data_ptr<scalar_t>());
+  });
+}
+}  // namespace
+
+at::Tensor sparsec_nm_unpack(const at::Tensor& values, const at::Tensor& positions, int64_t n, int64_t m,
+                             int64_t in_features) {
+  check_packed(values, positions, n, m, in_features);
+  const int bits = bits_for(m);
+  const int64_t O = values.size(0), kept = values.size(1);
+  if (unpack_on_cpu(values, positions)) {
     auto w = at::empty({O, in_features}, values.options());
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, vals.scalar_type(), "sparsec_nm_unpack", [&] {
-      unpack_rows<scalar_t>(vals.data_ptr<scalar_t>(), pos.data_ptr<uint8_t>(), O, kept, pos.size(1), n, m,
-                            in_features, w.data_ptr<scalar_t>());
-    });
+    unpack_into(values, positions, n, m, 0, w);
     return w;
   }
   auto shifts = at::arange(0, 8, bits, positions.options().dtype(at::kInt));
@@ -409,24 +429,14 @@ at::Tensor sparsec_nm_unpack(const at::Tensor& values, const at::Tensor& positio
 
 at::Tensor unpack_scratch(const at::Tensor& values, const at::Tensor& positions, int64_t n, int64_t m,
                           int64_t in_features, int64_t row0, int64_t nrows) {
-  if (!values.device().is_cpu() || !positions.device().is_cpu() || positions.scalar_type() != at::kByte)
+  if (!unpack_on_cpu(values, positions))
     return sparsec_nm_unpack(values, positions, n, m, in_features).narrow(0, row0, nrows);
-  const int bits = bits_for(m);
-  const int64_t O = values.size(0), kept = values.size(1);
-  TORCH_CHECK(kept * m == in_features * n && positions.dim() == 2 && positions.size(0) == O &&
-                  positions.size(1) * 8 >= kept * bits,
-              "sparsec nm_linear: ", n, ":", m, " values ", values.sizes(), " / positions ", positions.sizes(),
-              " do not fit ", in_features, " inputs");
+  check_packed(values, positions, n, m, in_features);
   thread_local at::Tensor scratch;
   const int64_t bytes = nrows * in_features * static_cast<int64_t>(values.element_size());
   if (!scratch.defined() || scratch.numel() < bytes) scratch = at::empty({bytes}, values.options().dtype(at::kByte));
   auto w = scratch.narrow(0, 0, bytes).view(values.scalar_type()).view({nrows, in_features});
-  auto vals = values.contiguous();
-  auto pos = positions.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, vals.scalar_type(), "sparsec_nm_unpack", [&] {
-    unpack_rows<scalar_t>(vals.data_ptr<scalar_t>() + row0 * kept, pos.data_ptr<uint8_t>() + row0 * pos.size(1),
-                          nrows, kept, pos.size(1), n, m, in_features, w.data_ptr<scalar_t>());
-  });
+  unpack_into(values, positions, n, m, row0, w);
   return w;
 }
 
