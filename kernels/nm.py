@@ -7,10 +7,12 @@ power of two that holds ``m - 1``), little-endian inside each byte, each row pad
 multiple of 4 bytes (the kernel reads 32 bits at a time). 2:4 fp32: 0.5 + 0.0625 of the dense
 bytes (ideal speedup 1.78x); bf16: 0.5 + 0.125 (1.6x).
 
-``sparsec::nm_linear(x, values, positions, bias, n, m, threshold)``: ``y = W_nm s_t(x) + b``;
-``threshold < 0`` means no activation threshold (with one, the op is the TEAL + N:M
-composition). CPU: C++ kernel (``kernels/csrc/nm_sparse.cpp``) for up to 16 tokens, else a
-dense GEMM on the unpacked weight. CUDA: the generated Triton GEMV up to 16 tokens; above,
+``sparsec::nm_linear(x, values, positions, bias, n, m, threshold, dense_copy=False)``:
+``y = W_nm s_t(x) + b``; ``threshold < 0`` means no activation threshold (with one, the op is
+the TEAL + N:M composition). CPU: C++ kernel (``kernels/csrc/nm_sparse.cpp``) for up to 16
+tokens, else a dense GEMM on the weight unpacked block by block; with ``dense_copy`` (the
+pass's default), the calls where a dense GEMM wins (more than 16 tokens, bf16 from 5 tokens on
+an AMX CPU) use a masked dense copy of the weight made once and cached. CUDA: the generated Triton GEMV up to 16 tokens; above,
 2:4 half-precision weights go to PyTorch's semi-structured sparse GEMM (cuSPARSELt or
 CUTLASS) where ``semi_structured_route`` says it wins, else a dense GEMM on the unpacked
 weight. Other devices: the reference.
@@ -108,8 +110,10 @@ def unpack(values: torch.Tensor, positions: torch.Tensor, n: int, m: int, in_fea
     return w.scatter_(1, pv + base, values)
 
 
-def nm_linear_reference(x, values, positions, bias, n: int, m: int, threshold: float) -> torch.Tensor:
-    """``W_nm s_t(x) + b`` on the unpacked weight (``threshold < 0``: no threshold)."""
+def nm_linear_reference(x, values, positions, bias, n: int, m: int, threshold: float,
+                        dense_copy: bool = False) -> torch.Tensor:
+    """``W_nm s_t(x) + b`` on the unpacked weight (``threshold < 0``: no threshold;
+    ``dense_copy`` picks a CPU kernel path, the same result)."""
     from .activation import threshold_reference
 
     xs = threshold_reference(x, threshold) if threshold >= 0 else x
@@ -201,26 +205,31 @@ def nm_linear_cuda_large(x, values, positions, bias, n, m, threshold):
 
 _lib = torch.library.Library("sparsec", "FRAGMENT")
 _lib.define(
-    "nm_linear(Tensor x, Tensor values, Tensor positions, Tensor? bias, int n, int m, float threshold) -> Tensor"
+    "nm_linear(Tensor x, Tensor values, Tensor positions, Tensor? bias, int n, int m, float threshold, "
+    "bool dense_copy=False) -> Tensor"
 )
 
 
 @torch.library.impl(_lib, "nm_linear", "CompositeExplicitAutograd")
-def nm_linear(x, values, positions, bias, n, m, threshold):
+def nm_linear(x, values, positions, bias, n, m, threshold, dense_copy=False):
+    """``dense_copy``: where the library GEMM on the masked dense weight beats the N:M kernels
+    on this CPU (more than 16 tokens; bf16 from 5 tokens on AMX CPUs), keep that dense weight,
+    made on the first such call and cached beside the compressed one (kernels/csrc/nm_sparse.cpp);
+    without it those calls unpack the weight blockwise every time (no extra memory, slower)."""
     if x.device.type == "cpu":
         ext = cpu.extension()  # registers the C++ CPU kernel for later calls
         if ext is not None:
-            return ext.nm_linear_op(x, values, positions, bias, n, m, threshold)
+            return ext.nm_linear_op(x, values, positions, bias, n, m, threshold, dense_copy)
     return nm_linear_reference(x, values, positions, bias, n, m, threshold)
 
 
 @torch.library.register_fake("sparsec::nm_linear", lib=_lib)
-def _(x, values, positions, bias, n, m, threshold):
+def _(x, values, positions, bias, n, m, threshold, dense_copy=False):
     return x.new_empty((*x.shape[:-1], values.shape[0]))
 
 
 @torch.library.impl(_lib, "nm_linear", "CUDA")
-def _(x, values, positions, bias, n, m, threshold):
+def _(x, values, positions, bias, n, m, threshold, dense_copy=False):
     from . import triton_gen
 
     return triton_gen.nm_linear_cuda(x, values, positions, bias, n, m, threshold)

@@ -128,7 +128,8 @@ def nm_expand(values, positions, n: int, m: int, in_features: int):
     return op.Reshape(w, _ints([out_f, groups * m]))
 
 
-def nm_linear(x, values, positions, bias, n: int, m: int, threshold: float):
+def nm_linear(x, values, positions, bias, n: int, m: int, threshold: float, dense_copy: bool = False):
+    # dense_copy picks a CPU path in torch; onnxruntime expands the weight once either way
     kept = _static_dim(values, 1)
     in_features = _static_dim(x, -1)
     if in_features is None:

@@ -63,6 +63,11 @@ class NMWeightsConfig:
     blocksize: int = 128
     #: sparsegpt: Hessian damping, as a fraction of mean(diag H)
     damp: float = 0.01
+    #: CPU calls where a dense GEMM beats the N:M kernels (more than 16 tokens; bf16 from 5
+    #: tokens on AMX CPUs) use a masked dense copy of the weight, made on the first such call:
+    #: those run at dense speed, at the cost of the dense weight's memory once prefill has
+    #: run. False: unpack blocks on the fly instead (no extra memory; prefill 0.5-1.0x dense)
+    dense_copy: bool = True
 
     def validate(self) -> None:
         for k in ("n", "m", "blocksize"):
@@ -87,6 +92,8 @@ class NMWeightsConfig:
             raise RecipeError(f"blocksize must be positive, got {self.blocksize}")
         if not (self.damp >= 0):
             raise RecipeError(f"damp must not be negative, got {self.damp}")
+        if not isinstance(self.dense_copy, bool):
+            raise RecipeError(f"dense_copy must be true or false, got {self.dense_copy!r}")
 
     @property
     def removed(self) -> float:
@@ -324,7 +331,7 @@ class NMWeights(Pass):
             pa = _constant(ctx, f"{name}.positions", torch.cat([mm[5] for mm in members]), first)
             with graph.inserting_before(first):
                 fused = graph.call_function(torch.ops.sparsec.nm_linear.default,
-                                            (x, va, pa, b, n, m, -1.0 if t is None else t))
+                                            (x, va, pa, b, n, m, -1.0 if t is None else t, config.dense_copy))
             fused.meta.update(first.meta)
             row = 0
             for _, old, _, _, member_vals, *_ in members:

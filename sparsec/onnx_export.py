@@ -126,7 +126,7 @@ def _densify_nm(ep: torch.export.ExportedProgram) -> list[tuple[torch.Tensor, in
     for node in list(g.nodes):
         if node.op != "call_function" or node.target is not torch.ops.sparsec.nm_linear.default:
             continue
-        x, values, positions, bias, n, m, threshold = node.args
+        x, values, positions, bias, n, m, threshold = node.args[:7]  # dense_copy: a CPU runtime choice
         vals, pos = _program_tensor(ep, values), _program_tensor(ep, positions)
         weight = unpack(vals, pos, n, m, vals.shape[1] // n * m)
         dense.append((weight, n, m))

@@ -86,6 +86,7 @@ def test_nm_linear_opcheck_and_3d():
     v, p = nm.pack(w, keep, 2, 4)
     x = torch.randn(2, 3, 32)
     torch.library.opcheck(torch.ops.sparsec.nm_linear.default, (x, v, p, None, 2, 4, -1.0))
+    torch.library.opcheck(torch.ops.sparsec.nm_linear.default, (x, v, p, None, 2, 4, -1.0, True))
     torch.testing.assert_close(torch.ops.sparsec.nm_linear(x, v, p, None, 2, 4, -1.0), F.linear(x, w * keep),
                                atol=1e-5, rtol=1e-5)
 
@@ -142,6 +143,7 @@ def test_sparsegpt_matches_a_plain_float64_implementation():
     ({"structure": "blocked"}, "structure must be 'nm' or 'unstructured'"),
     ({"structure": "unstructured", "sparsity": 1.0}, r"sparsity must be in \[0, 1\)"),
     ({"n": 2.0}, "n must be an integer"),
+    ({"dense_copy": "yes"}, "dense_copy must be true or false"),
 ])
 def test_bad_nm_recipes(recipe, match):
     with pytest.raises(RecipeError, match=match):
@@ -212,6 +214,8 @@ def test_teal_and_2of4_compose_into_one_op(tiny, tiny_batches):
     gm = getattr(made[0], "fn", made[0])
     targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
     assert sum("sparsec.nm_linear" in t for t in targets) == 8  # q/k/v and gate/up fused
+    nm_nodes = [n for n in gm.graph.nodes if n.op == "call_function" and "sparsec.nm_linear" in str(n.target)]
+    assert all(n.args[7] is True for n in nm_nodes)  # dense_copy by default: prefill at dense speed
     assert not any("threshold_linear" in t or "sparse_linear" in t for t in targets)
     # reference: masked-dense weights and TEAL thresholds applied by hand
     ref_model = _dense_reference(tiny, plan)
@@ -317,3 +321,41 @@ def test_prefill_sized_input_matches_masked_dense(dtype, out_f, in_f):
         xs = x if t < 0 else sparsec.kernels.activation.threshold_reference(x, t)
         got = torch.ops.sparsec.nm_linear(x, v, p, b, 2, 4, t)
         torch.testing.assert_close(got, F.linear(xs, w * keep, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dense_copy_matches_masked_dense_and_follows_its_weight(dtype):
+    """Where a dense GEMM wins on CPU (more than 16 tokens), ``dense_copy`` runs it on a masked
+    dense copy made once per weight: the same product, remade when the weight changes in
+    place, dropped with the weight, and never made for decode-sized calls in fp32."""
+    import gc
+
+    ext = sparsec.kernels.cpu.extension()
+    if ext is None:
+        pytest.skip("the C++ kernels could not be built here")
+    g = torch.Generator().manual_seed(7)
+    out_f, in_f = 61, 96
+    w = torch.randn(out_f, in_f, generator=g).to(dtype)
+    keep = nm.nm_mask(w.abs().float(), 2, 4)
+    v, p = nm.pack(w, keep, 2, 4)
+    b = torch.randn(out_f, generator=g).to(dtype)
+    x = torch.randn(3, 7, in_f, generator=g).to(dtype)  # 21 tokens
+    gc.collect()
+    before = ext.nm_dense_copies()
+    for t in (-1.0, 0.5):
+        xs = x if t < 0 else sparsec.kernels.activation.threshold_reference(x, t)
+        got = torch.ops.sparsec.nm_linear(x, v, p, b, 2, 4, t, True)
+        torch.testing.assert_close(got, F.linear(xs, w * keep, b))
+    assert ext.nm_dense_copies() == before + 1  # one copy for both calls
+    if dtype == torch.float32:  # the fp32 kernel wins through 16 tokens: no copy for it
+        w2 = torch.randn(out_f, in_f, generator=g)
+        v2, p2 = nm.pack(w2, nm.nm_mask(w2.abs(), 2, 4), 2, 4)
+        torch.ops.sparsec.nm_linear(x[0, :1], v2, p2, None, 2, 4, -1.0, True)
+        assert ext.nm_dense_copies() == before + 1
+    with torch.no_grad():
+        v.mul_(2)  # in place: the copy must follow
+    got = torch.ops.sparsec.nm_linear(x, v, p, None, 2, 4, -1.0, True)
+    torch.testing.assert_close(got, F.linear(x, 2 * w * keep))
+    del v
+    gc.collect()
+    assert ext.nm_dense_copies() == before

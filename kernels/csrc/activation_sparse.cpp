@@ -14,7 +14,6 @@
 // -mfma, or nothing); the same source compiles to each. Accumulation is always fp32.
 
 #include <torch/extension.h>
-#include <ATen/cpu/Utils.h>
 #include <torch/library.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -35,7 +34,10 @@
 at::Tensor sparsec_nm_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& positions,
                              const c10::optional<at::Tensor>& bias, int64_t n, int64_t m, double thr);
 at::Tensor sparsec_nm_linear_op(const at::Tensor& x, const at::Tensor& values, const at::Tensor& positions,
-                                const c10::optional<at::Tensor>& bias, int64_t n, int64_t m, double thr);
+                                const c10::optional<at::Tensor>& bias, int64_t n, int64_t m, double thr,
+                                bool dense_copy);
+bool sparsec_cpu_has_amx_bf16();
+int64_t sparsec_nm_dense_copies();
 at::Tensor sparsec_nm_unpack(const at::Tensor& values, const at::Tensor& positions, int64_t n, int64_t m,
                              int64_t in_features);
 
@@ -334,14 +336,7 @@ void check2d(const torch::Tensor& t, const char* name) {
 //    (no AMX path for a GEMV): break-even about 1.0 at batch 2-4, 0.62-0.8 at 8, 0.52-0.64
 //    at 12, 0.41-0.52 at 16.
 //  - bf16 without AMX: the library GEMM is 2x slower, so the fp32 rule.
-inline bool cpu_has_amx_bf16() {
-  static const bool has = [] {
-    auto caps = at::cpu::get_cpu_capabilities();
-    auto it = caps.find("amx_bf16");
-    return it != caps.end() && it->second.isBool() && it->second.toBool();
-  }();
-  return has;
-}
+inline bool cpu_has_amx_bf16() { return sparsec_cpu_has_amx_bf16(); }
 
 // xs = s_t(x) (NaN stays, as in the kernel) and the number of inputs active in any row, in
 // one pass: the five ATen ops it replaces cost 0.3 ms at 16 x 4096, 7% of a bf16 GEMM.
@@ -524,6 +519,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("register_ops", &register_ops, "register the ops above as the CPU kernels of the sparsec ops");
   m.def("nm_linear", &sparsec_nm_linear, "N:M compressed linear on 2-D inputs (<= 16 rows)");
   m.def("nm_linear_op", &sparsec_nm_linear_op, "sparsec::nm_linear's CPU kernel");
+  m.def("nm_dense_copies", &sparsec_nm_dense_copies, "how many N:M weights hold a dense copy now");
   m.def("nm_unpack", &sparsec_nm_unpack, "dense weight from values + packed positions");
   m.def("isa", &isa_name, "the instruction set this build was compiled for");
 }

@@ -16,13 +16,16 @@
 
 #include <torch/extension.h>
 #include <torch/library.h>
+#include <ATen/cpu/Utils.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
 #include <cmath>
 #include <cstring>
 #include <cstdint>
+#include <mutex>
 #include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -268,20 +271,23 @@ bool unpack_on_cpu(const at::Tensor& values, const at::Tensor& positions) {
   return values.device().is_cpu() && positions.device().is_cpu() && positions.scalar_type() == at::kByte;
 }
 
+// s_t(x): zero where |x| <= t (compared in fp32 for half types; NaN stays); t < 0: x
+at::Tensor threshold_ref(const at::Tensor& x, double thr) {
+  if (thr < 0) return x;
+  auto xa = (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) ? x.abs() : x.abs().to(at::kFloat);
+  return at::where(xa.gt(thr).logical_or(x.isnan()), x, at::zeros({}, x.options()));
+}
+
 at::Tensor nm_reference(const at::Tensor& x, const at::Tensor& values, const at::Tensor& positions,
                         const c10::optional<at::Tensor>& bias, int64_t n, int64_t m, double thr) {
-  auto xs = x;
-  if (thr >= 0) {
-    auto xa = (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) ? x.abs() : x.abs().to(at::kFloat);
-    xs = at::where(xa.gt(thr).logical_or(x.isnan()), x, at::zeros({}, x.options()));
-  }
+  auto xs = threshold_ref(x, thr);
   const int64_t K = x.size(-1), O = values.size(0);
   const bool cpu = x.device().is_cpu() && unpack_on_cpu(values, positions);
   // Blocks of output rows whose weight (~1 MiB) is unpacked into L2 and multiplied at once:
   // unpacking the whole weight first wrote and re-read it through DRAM. 4096x4096 at 128
   // tokens, 1 thread: fp32 71.5 ms whole / 62.6 ms in blocks (dense GEMM alone 51.5 ms),
   // bf16 20.5 / 19.1 ms (oneDNN AMX GEMM 13.2 ms). ATen's scatter before: 380 ms for bf16.
-  // Not within 5% of dense: only a cached dense copy would be, at 1.8x the compressed bytes.
+  // Not within 5% of dense: the cached dense copy below is (the op's dense_copy flag).
   const int64_t blk = std::max<int64_t>(32, (int64_t(1) << 20) / std::max<int64_t>(1, K * values.element_size()));
   if (!cpu || blk >= O || K == 0) return at::linear(xs, unpack_scratch(values, positions, n, m, K, 0, O), bias);
   auto x2 = xs.reshape({-1, K});
@@ -440,11 +446,86 @@ at::Tensor unpack_scratch(const at::Tensor& values, const at::Tensor& positions,
   return w;
 }
 
+bool sparsec_cpu_has_amx_bf16() {
+  static const bool has = [] {
+    auto caps = at::cpu::get_cpu_capabilities();
+    auto it = caps.find("amx_bf16");
+    return it != caps.end() && it->second.isBool() && it->second.toBool();
+  }();
+  return has;
+}
+
+namespace {
+// ---- the dense copy: where no N:M kernel wins on this CPU --------------------------------------
+// The library GEMM on the masked dense weight beats both N:M paths here (1 thread, cold weights,
+// python bench/kernels.py --nm [--dense-copy] --batches ...):
+//  - more than 16 tokens: unpacking blocks for the GEMM costs 0.82-1.0x of dense in fp32 and
+//    0.5-0.75x in bf16 (AMX GEMMs are fast enough that the unpack dominates);
+//  - bf16 on an AMX CPU from 5 tokens: oneDNN's AMX GEMM is flat from 2 tokens on, the
+//    kernel grows with tokens (gathers per token): 2:4 at 4 tokens 1.02-1.95x, at 6 0.72-1.41x,
+//    at 16 0.48-0.63x of dense.
+// fp32 keeps the kernel through 16 tokens (1.5-2.6x at 8-16).
+bool dense_copy_wins(at::ScalarType dtype, int64_t rows) {
+  if (rows > 16) return true;
+  if (dtype == at::kBFloat16) return rows >= 5 && sparsec_cpu_has_amx_bf16();
+  return dtype != at::kFloat;  // fp16/fp64: no kernel, the copy saves the unpack per call
+}
+
+// values tensor -> its masked dense weight, made on the first call that needs it and dropped
+// with the values (a weak reference) or remade when values or positions change. Keyed by
+// identity: the compiled graph passes the same constant tensors on every call.
+struct DenseCopy {
+  c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> values;
+  uint32_t values_version, positions_version;
+  const void* positions_ptr;
+  at::Tensor dense;
+};
+std::mutex dense_copies_mu;
+std::unordered_map<const c10::TensorImpl*, DenseCopy> dense_copies;
+
+at::Tensor dense_copy_of(const at::Tensor& values, const at::Tensor& positions, int64_t n, int64_t m, int64_t K) {
+  const auto* key = values.unsafeGetTensorImpl();
+  const uint32_t vv = values._version(), pv = positions._version();
+  {
+    std::lock_guard<std::mutex> g(dense_copies_mu);
+    auto it = dense_copies.find(key);
+    if (it != dense_copies.end()) {
+      auto alive = it->second.values.lock();
+      if (alive.get() == key && it->second.values_version == vv && it->second.positions_version == pv &&
+          it->second.positions_ptr == positions.data_ptr())
+        return it->second.dense;
+    }
+  }
+  auto dense = sparsec_nm_unpack(values, positions, n, m, K);  // outside the lock: it takes milliseconds
+  std::lock_guard<std::mutex> g(dense_copies_mu);
+  for (auto it = dense_copies.begin(); it != dense_copies.end();)  // drop the copies of dead weights
+    it = it->second.values.expired() ? dense_copies.erase(it) : std::next(it);
+  dense_copies.insert_or_assign(
+      key, DenseCopy{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(values.getIntrusivePtr()),
+                     vv, pv, positions.data_ptr(), dense});
+  return dense;
+}
+}  // namespace
+
+// how many dense copies are held (dropping those of dead weights first): for tests and reports
+int64_t sparsec_nm_dense_copies() {
+  std::lock_guard<std::mutex> g(dense_copies_mu);
+  for (auto it = dense_copies.begin(); it != dense_copies.end();)
+    it = it->second.values.expired() ? dense_copies.erase(it) : std::next(it);
+  return static_cast<int64_t>(dense_copies.size());
+}
+
 at::Tensor sparsec_nm_linear_op(const at::Tensor& x, const at::Tensor& values, const at::Tensor& positions,
-                                const c10::optional<at::Tensor>& bias, int64_t n, int64_t m, double thr) {
+                                const c10::optional<at::Tensor>& bias, int64_t n, int64_t m, double thr,
+                                bool dense_copy) {
   const int64_t K = x.size(-1), rows = K ? x.numel() / K : 0;
   TORCH_CHECK(values.dim() == 2 && values.size(1) * m == K * n, "sparsec::nm_linear: ", n, ":", m,
               " values of shape ", values.sizes(), " do not fit ", K, " input features");
+  if (dense_copy && rows > 0 && x.device().is_cpu() && unpack_on_cpu(values, positions) &&
+      values.scalar_type() == x.scalar_type() && dense_copy_wins(x.scalar_type(), rows)) {
+    check_packed(values, positions, n, m, K);
+    return at::linear(threshold_ref(x, thr), dense_copy_of(values, positions, n, m, K), bias);
+  }
   const bool ok = (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
                   values.scalar_type() == x.scalar_type() && (!bias || bias->scalar_type() == x.scalar_type()) &&
                   rows > 0 && rows <= 16 && x.device().is_cpu();
