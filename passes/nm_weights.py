@@ -239,6 +239,21 @@ class NMWeights(Pass):
 
         return calibrate_nm(self, model, sites, config, batches, progress)
 
+    def pruned_weights(self, entries: dict, tensors: dict) -> dict[str, torch.Tensor]:
+        """Parameter name -> the pruned dense weight, for each site of ``entries``: what later
+        passes are calibrated on (``sparsec.calibrate`` runs them on the pruned model)."""
+        from sparsec.kernels.nm import unpack
+
+        out = {}
+        for key, e in entries.items():
+            name = e["weights"]["weight"]
+            if e.get("structure", "nm") == "nm":
+                vals = tensors[f"{key}.values"]
+                out[name] = unpack(vals, tensors[f"{key}.positions"], e["n"], e["m"], vals.shape[1] // e["n"] * e["m"])
+            else:
+                out[name] = tensors[f"{key}.weight"]
+        return out
+
     def calibrate_graph(self, ctx: GraphContext, sites: list[Site], config: NMWeightsConfig, example_inputs):
         """Compile without a plan: score on the compile's example inputs, on the captured graph
         (Hessians of the dense model: SparseGPT without the block-by-block propagation)."""

@@ -8,6 +8,7 @@ eager mode (the block modules are run with thresholds applied to their linears' 
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -21,7 +22,7 @@ from .plan import Plan
 from .plugins import get_registry
 from .recipes import resolve_recipe
 
-__all__ = ["calibrate", "calibrate_graph", "split_batch", "record_kwargs", "first_tensor"]
+__all__ = ["calibrate", "calibrate_graph", "split_batch", "record_kwargs", "first_tensor", "with_weights"]
 
 
 def split_batch(batch: Any) -> tuple[tuple, dict]:
@@ -190,7 +191,6 @@ def calibrate(model: torch.nn.Module, batches: Iterable, recipe: Any = "teal-50"
     held_out = batches[len(batches) - n_hold :] or batches[:1]
 
     bins = max(getattr(c, "bins", 4096) for c in todo.values())
-    collector = Collector(bins=bins)
     found: dict[str, dict[str, object]] = {n: {} for n in todo}  # pass -> site key -> site
 
     def probe_backend(gm, example_inputs):
@@ -201,17 +201,29 @@ def calibrate(model: torch.nn.Module, batches: Iterable, recipe: Any = "teal-50"
             for s in sites:
                 found[name].setdefault(s.key, s)
             if hasattr(p, "probes"):
-                insert_probes(ctx.gm, {f"{name}:{k}": v for k, v in p.probes(ctx, sites, cfg).items()}, collector)
+                insert_probes(ctx.gm, {f"{name}:{k}": v for k, v in p.probes(ctx, sites, cfg).items()},
+                              Collector.active)  # the collecting one: the backend runs inside `collect`
         return ctx.gm
 
-    compiled = torch.compile(model, backend=probe_backend)
-    with torch.no_grad(), collector:
-        for batch in tqdm(hist_batches, desc="sparsec calibrate", unit="batch", disable=not progress):
-            args, kwargs = split_batch(batch)
-            compiled(*args, **kwargs)
+    def collect(net, desc):
+        col, compiled = Collector(bins=bins), torch.compile(net, backend=probe_backend)
+        with torch.no_grad(), col:
+            for batch in tqdm(hist_batches, desc=desc, unit="batch", disable=not progress):
+                args, kwargs = split_batch(batch)
+                compiled(*args, **kwargs)
+        return col
 
-    for name, cfg in todo.items():
-        p = reg.passes[name]
+    collector = collect(model, "sparsec calibrate")
+
+    # Weight passes (SparseGPT, Wanda...) first: the activation passes are then calibrated on
+    # the model with the pruned weights, whose activations are what the compiled model sees
+    # (thresholds from the dense model's histograms realise another sparsity once the weights
+    # feeding them are pruned).
+    weights_first = sorted(todo, key=lambda n: not hasattr(reg.passes[n], "calibrate_model"))
+    pruned: dict[str, torch.Tensor] = {}
+    calibrated_on = model
+    for name in weights_first:
+        cfg, p = todo[name], reg.passes[name]
         sites = list(found[name].values())
         if not sites:
             warnings.warn(f"sparsec: pass {name!r} found no site in {type(model).__name__}", stacklevel=2)
@@ -220,11 +232,16 @@ def calibrate(model: torch.nn.Module, batches: Iterable, recipe: Any = "teal-50"
             entries, tensors = p.calibrate_model(model, sites, cfg, batches, progress)
             plan.sites.update(entries)
             plan.tensors.update(tensors)
+            if hasattr(p, "pruned_weights"):
+                pruned.update(p.pruned_weights(entries, tensors))
             continue
+        if pruned and calibrated_on is model:
+            calibrated_on = with_weights(model, pruned)
+            collector = collect(calibrated_on, "sparsec calibrate (pruned weights)")
         hists = {k.split(":", 1)[1]: h for k, h in collector.hists.items() if k.startswith(name + ":")}
         scorer = None
         if getattr(cfg, "allocation", None) == "greedy" and getattr(cfg, "mode", None) != "cats":
-            scorer, why = _scorer_for(model, sites, held_out)
+            scorer, why = _scorer_for(calibrated_on, sites, held_out)
             if scorer is not None:
                 scorer.progress = progress
             if scorer is None:
@@ -232,6 +249,20 @@ def calibrate(model: torch.nn.Module, batches: Iterable, recipe: Any = "teal-50"
                 cfg = type(cfg)(**{**cfg.__dict__, "allocation": "uniform"})
         plan.sites.update(p.plan_entries(sites, cfg, hists, scorer))
     return plan
+
+
+def with_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A copy of ``model``'s modules that shares every parameter and buffer with it except
+    ``weights`` (parameter name -> new value): the pruned model, at the memory of the pruned
+    weights only, and without touching the user's model."""
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    view = copy.deepcopy(model, shared)
+    for name, w in weights.items():
+        owner, _, attr = name.rpartition(".")
+        mod = view.get_submodule(owner)
+        old = getattr(mod, attr)
+        setattr(mod, attr, torch.nn.Parameter(w.to(dtype=old.dtype, device=old.device), requires_grad=False))
+    return view
 
 
 def calibrate_graph(ctx, recipe, example_inputs, plan: Plan | None = None, registry=None) -> Plan:

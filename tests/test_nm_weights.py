@@ -359,3 +359,22 @@ def test_dense_copy_matches_masked_dense_and_follows_its_weight(dtype):
     del v
     gc.collect()
     assert ext.nm_dense_copies() == before
+
+
+def test_teal_with_nm_is_calibrated_on_the_pruned_model(tiny, tiny_batches):
+    """In a TEAL + N:M recipe the thresholds come from the activations of the pruned model (what
+    the compiled model runs), not of the dense one: the same thresholds as calibrating TEAL
+    alone on a copy with the pruned weights swapped in, and the user's model untouched."""
+    teal = {"activation_threshold": {"mode": "teal", "sparsity": 0.4, "allocation": "uniform"}}
+    before = state_hash(tiny)
+    plan = sparsec.calibrate(tiny, tiny_batches, {"passes": {**teal, "nm_weights": {"n": 2, "m": 4}}},
+                             progress=False)
+    assert state_hash(tiny) == before
+    on_pruned = sparsec.calibrate(_dense_reference(tiny, plan), tiny_batches, {"passes": teal}, progress=False)
+    on_dense = sparsec.calibrate(tiny, tiny_batches, {"passes": teal}, progress=False)
+    keys = [k for k, e in plan.sites.items() if e["pass"] == "activation_threshold"]
+    assert keys and set(keys) == {k for k in on_pruned.sites}
+    for k in keys:
+        assert plan.sites[k]["threshold"] == pytest.approx(on_pruned.sites[k]["threshold"], rel=1e-6), k
+    moved = [k for k in keys if plan.sites[k]["threshold"] != pytest.approx(on_dense.sites[k]["threshold"], rel=1e-3)]
+    assert len(moved) >= len(keys) // 2  # pruning upstream weights moves most sites' thresholds
