@@ -87,20 +87,34 @@ def cats_mlp_reference(
     return F.linear(h, down_weight, down_bias)
 
 
+def add_residual(y: torch.Tensor, residual: torch.Tensor | None, op: str) -> torch.Tensor:
+    """The residual-add epilogue of the prepared ops: ``y + residual``, same shape and dtype only
+    (``sparsec.codegen`` fuses only such adds; a broadcast here would change results silently)."""
+    if residual is None:
+        return y
+    if residual.shape != y.shape or residual.dtype != y.dtype:
+        raise ValueError(f"sparsec::{op}: residual of shape {tuple(residual.shape)} and dtype {residual.dtype} "
+                         f"does not match the output ({tuple(y.shape)}, {y.dtype})")
+    return y + residual
+
+
 def sparse_linear_reference(
-    x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, threshold: float
+    x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, threshold: float,
+    weight: torch.Tensor | None = None, residual: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``threshold_linear`` with the prepared weight ``weight_t = W^T``."""
-    return F.linear(threshold_reference(x, threshold), weight_t.t(), bias)
+    """``threshold_linear`` with the prepared weight ``weight_t = W^T`` (``weight``: the same
+    weight untransposed, for dense paths), plus ``residual`` when given."""
+    return add_residual(F.linear(threshold_reference(x, threshold), weight_t.t(), bias), residual, "sparse_linear")
 
 
 def sparse_cats_mlp_reference(
-    x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation
+    x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation, residual=None
 ) -> torch.Tensor:
-    """``cats_mlp`` with the prepared down weight ``down_weight_t = W_down^T``."""
-    return cats_mlp_reference(
+    """``cats_mlp`` with the prepared down weight ``down_weight_t = W_down^T``, plus ``residual``."""
+    y = cats_mlp_reference(
         x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t.t(), down_bias, threshold, activation
     )
+    return add_residual(y, residual, "sparse_cats_mlp")
 
 
 # ---- CPU dispatch -----------------------------------------------------------------------------
@@ -109,23 +123,24 @@ def sparse_cats_mlp_reference(
 # loads it), the unprepared ops, and machines where it could not be built.
 
 
-def _sparse_linear_cpu(x, weight_t, bias, threshold, weight=None):
+def _sparse_linear_cpu(x, weight_t, bias, threshold, weight=None, residual=None):
     ext = cpu.extension()
     if ext is None:
-        return sparse_linear_reference(x, weight_t, bias, threshold)
-    return ext.sparse_linear_op(x, weight_t, bias, threshold, weight)
+        return sparse_linear_reference(x, weight_t, bias, threshold, weight, residual)
+    return ext.sparse_linear_op(x, weight_t, bias, threshold, weight, residual)
 
 
-def _cats_cpu(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation):
+def _cats_cpu(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation,
+              residual=None):
     if activation not in ACTIVATIONS:
         raise ValueError(f"sparsec::sparse_cats_mlp: unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}")
     ext = cpu.extension()
     if ext is None:
         return sparse_cats_mlp_reference(
-            x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation
+            x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation, residual
         )
     return ext.sparse_cats_mlp_op(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold,
-                                  activation)
+                                  activation, residual)
 
 
 def _cpu_kernel_ok(x: torch.Tensor, *ws: torch.Tensor | None) -> bool:
@@ -204,40 +219,44 @@ def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias, thr
 _lib = torch.library.Library("sparsec", "FRAGMENT")
 # ``weight``: optionally the original [out, in] weight, which the dense paths (prefill, a
 # batch whose active inputs cover nearly everything) use for MKL's faster layout
-_lib.define("sparse_linear(Tensor x, Tensor weight_t, Tensor? bias, float threshold, Tensor? weight=None) -> Tensor")
+# ``residual``: the fused residual-add epilogue (``sparsec.codegen.fuse_residual_adds``)
+_lib.define("sparse_linear(Tensor x, Tensor weight_t, Tensor? bias, float threshold, Tensor? weight=None, "
+            "Tensor? residual=None) -> Tensor")
 _lib.define(
     "sparse_cats_mlp(Tensor x, Tensor gate_weight, Tensor? gate_bias, Tensor up_weight, Tensor? up_bias, "
-    "Tensor down_weight_t, Tensor? down_bias, float threshold, str activation) -> Tensor"
+    "Tensor down_weight_t, Tensor? down_bias, float threshold, str activation, Tensor? residual=None) -> Tensor"
 )
 
 
 @torch.library.impl(_lib, "sparse_linear", "CompositeExplicitAutograd")
-def sparse_linear(x, weight_t, bias, threshold, weight=None):
-    """``W s_t(x) + b`` with the prepared weight ``weight_t = W^T`` (``[in, out]``)."""
-    if x.device.type == "cpu":
-        return _sparse_linear_cpu(x, weight_t, bias, threshold, weight)  # loads (and registers) the C++ kernel
-    return sparse_linear_reference(x, weight_t, bias, threshold)
+def sparse_linear(x, weight_t, bias, threshold, weight=None, residual=None):
+    """``W s_t(x) + b (+ residual)`` with the prepared weight ``weight_t = W^T`` (``[in, out]``)."""
+    if x.device.type == "cpu":  # loads (and registers) the C++ kernel
+        return _sparse_linear_cpu(x, weight_t, bias, threshold, weight, residual)
+    return sparse_linear_reference(x, weight_t, bias, threshold, weight, residual)
 
 
 @torch.library.register_fake("sparsec::sparse_linear", lib=_lib)
-def _(x, weight_t, bias, threshold, weight=None):
+def _(x, weight_t, bias, threshold, weight=None, residual=None):
     return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
 
 
 @torch.library.impl(_lib, "sparse_cats_mlp", "CompositeExplicitAutograd")
-def sparse_cats_mlp(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation):
+def sparse_cats_mlp(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation,
+                    residual=None):
     """CATS with the prepared down weight ``down_weight_t = W_down^T`` (``[inter, hidden]``)."""
     if x.device.type == "cpu":
-        return _cats_cpu(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation)
+        return _cats_cpu(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation,
+                         residual)
     if activation not in ACTIVATIONS:
         raise ValueError(f"sparsec::sparse_cats_mlp: unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}")
     return sparse_cats_mlp_reference(
-        x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation
+        x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation, residual
     )
 
 
 @torch.library.register_fake("sparsec::sparse_cats_mlp", lib=_lib)
-def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation):
+def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation, residual=None):
     return x.new_empty((*x.shape[:-1], down_weight_t.shape[1]))
 
 
@@ -247,18 +266,19 @@ def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, t
 
 
 @torch.library.impl(_lib, "sparse_linear", "CUDA")
-def _(x, weight_t, bias, threshold, weight=None):
+def _(x, weight_t, bias, threshold, weight=None, residual=None):
     from . import triton_gen
 
-    return triton_gen.sparse_linear_cuda(x, weight_t, bias, threshold)
+    return triton_gen.sparse_linear_cuda(x, weight_t, bias, threshold, residual=residual)
 
 
 @torch.library.impl(_lib, "sparse_cats_mlp", "CUDA")
-def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation):
+def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation, residual=None):
     from . import triton_gen
 
     return triton_gen.sparse_cats_mlp_cuda(
-        x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation
+        x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation,
+        residual=residual,
     )
 
 

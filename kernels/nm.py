@@ -111,13 +111,13 @@ def unpack(values: torch.Tensor, positions: torch.Tensor, n: int, m: int, in_fea
 
 
 def nm_linear_reference(x, values, positions, bias, n: int, m: int, threshold: float,
-                        dense_copy: bool = False) -> torch.Tensor:
-    """``W_nm s_t(x) + b`` on the unpacked weight (``threshold < 0``: no threshold;
+                        dense_copy: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``W_nm s_t(x) + b (+ residual)`` on the unpacked weight (``threshold < 0``: no threshold;
     ``dense_copy`` picks a CPU kernel path, the same result)."""
-    from .activation import threshold_reference
+    from .activation import add_residual, threshold_reference
 
     xs = threshold_reference(x, threshold) if threshold >= 0 else x
-    return F.linear(xs, unpack(values, positions, n, m, x.shape[-1]), bias)
+    return add_residual(F.linear(xs, unpack(values, positions, n, m, x.shape[-1]), bias), residual, "nm_linear")
 
 
 # ---- CUDA 2:4 at prefill sizes: PyTorch's semi-structured sparse GEMM ----------------------
@@ -206,12 +206,12 @@ def nm_linear_cuda_large(x, values, positions, bias, n, m, threshold):
 _lib = torch.library.Library("sparsec", "FRAGMENT")
 _lib.define(
     "nm_linear(Tensor x, Tensor values, Tensor positions, Tensor? bias, int n, int m, float threshold, "
-    "bool dense_copy=False) -> Tensor"
+    "bool dense_copy=False, Tensor? residual=None) -> Tensor"
 )
 
 
 @torch.library.impl(_lib, "nm_linear", "CompositeExplicitAutograd")
-def nm_linear(x, values, positions, bias, n, m, threshold, dense_copy=False):
+def nm_linear(x, values, positions, bias, n, m, threshold, dense_copy=False, residual=None):
     """``dense_copy``: where the library GEMM on the masked dense weight beats the N:M kernels
     on this CPU (more than 16 tokens; bf16 from 5 tokens on AMX CPUs), keep that dense weight,
     made on the first such call and cached beside the compressed one (kernels/csrc/nm_sparse.cpp);
@@ -219,17 +219,17 @@ def nm_linear(x, values, positions, bias, n, m, threshold, dense_copy=False):
     if x.device.type == "cpu":
         ext = cpu.extension()  # registers the C++ CPU kernel for later calls
         if ext is not None:
-            return ext.nm_linear_op(x, values, positions, bias, n, m, threshold, dense_copy)
-    return nm_linear_reference(x, values, positions, bias, n, m, threshold)
+            return ext.nm_linear_op(x, values, positions, bias, n, m, threshold, dense_copy, residual)
+    return nm_linear_reference(x, values, positions, bias, n, m, threshold, dense_copy, residual)
 
 
 @torch.library.register_fake("sparsec::nm_linear", lib=_lib)
-def _(x, values, positions, bias, n, m, threshold, dense_copy=False):
+def _(x, values, positions, bias, n, m, threshold, dense_copy=False, residual=None):
     return x.new_empty((*x.shape[:-1], values.shape[0]))
 
 
 @torch.library.impl(_lib, "nm_linear", "CUDA")
-def _(x, values, positions, bias, n, m, threshold, dense_copy=False):
+def _(x, values, positions, bias, n, m, threshold, dense_copy=False, residual=None):
     from . import triton_gen
 
-    return triton_gen.nm_linear_cuda(x, values, positions, bias, n, m, threshold)
+    return triton_gen.nm_linear_cuda(x, values, positions, bias, n, m, threshold, residual=residual)

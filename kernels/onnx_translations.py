@@ -82,9 +82,14 @@ def threshold_linear(x, weight, bias, threshold: float):
     return _linear(apply_threshold(x, threshold), op.Transpose(weight, perm=[1, 0]), bias)
 
 
-def sparse_linear(x, weight_t, bias, threshold: float, weight=None):
+def _plus(y, residual):
+    """The fused residual-add epilogue (same shape as the output: codegen fuses nothing else)."""
+    return y if residual is None else op.Add(y, residual)
+
+
+def sparse_linear(x, weight_t, bias, threshold: float, weight=None, residual=None):
     # weight_t is the prepared [in, out] copy: MatMul takes it as it is
-    return _linear(apply_threshold(x, threshold), weight_t, bias)
+    return _plus(_linear(apply_threshold(x, threshold), weight_t, bias), residual)
 
 
 def _cats(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation):
@@ -99,8 +104,9 @@ def cats_mlp(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bi
 
 
 def sparse_cats_mlp(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold: float,
-                    activation: str):
-    return _cats(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation)
+                    activation: str, residual=None):
+    return _plus(_cats(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation),
+                 residual)
 
 
 def nm_expand(values, positions, n: int, m: int, in_features: int):
@@ -128,7 +134,8 @@ def nm_expand(values, positions, n: int, m: int, in_features: int):
     return op.Reshape(w, _ints([out_f, groups * m]))
 
 
-def nm_linear(x, values, positions, bias, n: int, m: int, threshold: float, dense_copy: bool = False):
+def nm_linear(x, values, positions, bias, n: int, m: int, threshold: float, dense_copy: bool = False,
+              residual=None):
     # dense_copy picks a CPU path in torch; onnxruntime expands the weight once either way
     kept = _static_dim(values, 1)
     in_features = _static_dim(x, -1)
@@ -136,7 +143,7 @@ def nm_linear(x, values, positions, bias, n: int, m: int, threshold: float, dens
         in_features = kept // n * m if kept is not None else None
     w = nm_expand(values, positions, n, m, in_features)
     xs = apply_threshold(x, threshold) if threshold >= 0 else x
-    return _linear(xs, op.Transpose(w, perm=[1, 0]), bias)
+    return _plus(_linear(xs, op.Transpose(w, perm=[1, 0]), bias), residual)
 
 
 #: op name -> translation, registered by ``kernels/plugin.py``

@@ -6,7 +6,8 @@ copied transposed (``W^T``: one contiguous row per input channel) into a buffer 
 compiled graph module, and the op is swapped for its prepared twin
 (``sparsec::sparse_linear``, ``sparsec::sparse_cats_mlp``). Those dispatch on device: C++ on
 CPU tensors, generated Triton on CUDA tensors (``sparsec.kernels.triton_gen``), with the
-plain-torch reference as the fallback.
+plain-torch reference as the fallback. Then ``fuse_residual_adds`` folds each residual add
+that consumes one of those ops into the op's epilogue (``residual=``).
 
 Prepared weights are copies (about 0.8x the model's linear weights, more memory). The
 compiled callable checks the weights' version counters on every call and re-copies a weight
@@ -24,7 +25,7 @@ import torch.fx as fx
 
 from .passbase import GraphContext
 
-__all__ = ["Prepared", "lower", "RefreshingCallable"]
+__all__ = ["Prepared", "lower", "fuse_residual_adds", "RefreshingCallable"]
 
 # op -> (prepared twin, index of the weight that is prepared transposed)
 _LOWERINGS = {
@@ -158,9 +159,55 @@ def lower(ctx: GraphContext) -> list[Prepared]:
             from sparsec.kernels import triton_gen
 
             triton_gen.prepare_site("sparse_linear", fused, prep.buffer)
+    fuse_residual_adds(gm)
     graph.lint()
     gm.recompile()
     return [p for _, p in made.values()]
+
+
+#: kernels with a residual-add epilogue (``residual=``): the Triton templates add it in the
+#: store (one launch fewer per linear: o_proj and down_proj of every block), the C++ kernels
+#: in place on their fresh output
+_EPILOGUE_OPS = {"sparsec::sparse_linear", "sparsec::sparse_cats_mlp", "sparsec::nm_linear"}
+
+
+def fuse_residual_adds(gm: fx.GraphModule) -> int:
+    """``aten.add(residual, op(...))`` -> ``op(..., residual=residual)``; returns how many.
+
+    Only where the op's output has no other user and the add neither broadcasts nor promotes
+    (residual, op output and sum of one shape and dtype, provably for symbolic shapes) and
+    has no ``alpha``: then the fused op computes exactly what the two did."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    def same(a, b) -> bool:
+        return (a is not None and b is not None and a.dtype == b.dtype and a.dim() == b.dim()
+                and all(statically_known_true(x == y) for x, y in zip(a.shape, b.shape)))
+
+    graph, fused = gm.graph, 0
+    for add in list(graph.nodes):
+        if add.op != "call_function" or add.target is not torch.ops.aten.add.Tensor or add.kwargs or len(add.args) != 2:
+            continue
+        for out, res in (add.args, add.args[::-1]):
+            if not (isinstance(out, fx.Node) and isinstance(res, fx.Node)) or out is res or out.op != "call_function":
+                continue
+            schema = getattr(out.target, "_schema", None)
+            if schema is None or schema.name not in _EPILOGUE_OPS or len(out.users) != 1:
+                continue
+            n_pos = [a.name for a in schema.arguments].index("residual")
+            if out.kwargs.get("residual") is not None or (len(out.args) > n_pos and out.args[n_pos] is not None):
+                continue
+            vo, vr, va = (n.meta.get("val") for n in (out, res, add))
+            if not (same(vo, vr) and same(vo, va)):
+                continue
+            with graph.inserting_before(add):  # every input of `out` and `res` is defined by now
+                new = graph.call_function(out.target, tuple(out.args), {**out.kwargs, "residual": res})
+            new.meta.update(add.meta)
+            add.replace_all_uses_with(new)
+            graph.erase_node(add)
+            graph.erase_node(out)
+            fused += 1
+            break
+    return fused
 
 
 class RefreshingCallable:

@@ -55,8 +55,9 @@ def _decompositions() -> dict:
     def threshold_linear(x, weight, bias, threshold):
         return _linear_as_mm(activation.threshold_reference(x, threshold), weight, bias)
 
-    def sparse_linear(x, weight_t, bias, threshold, weight=None):
-        return _linear_as_mm(activation.threshold_reference(x, threshold), weight_t.t(), bias)
+    def sparse_linear(x, weight_t, bias, threshold, weight=None, residual=None):
+        y = _linear_as_mm(activation.threshold_reference(x, threshold), weight_t.t(), bias)
+        return activation.add_residual(y, residual, "sparse_linear")
 
     return {
         **get_decomposition_table(),

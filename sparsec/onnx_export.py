@@ -139,6 +139,10 @@ def _densify_nm(ep: torch.export.ExportedProgram) -> list[tuple[torch.Tensor, in
                 new = g.call_function(torch.ops.sparsec.threshold_linear.default, (x, w, bias, threshold))
             else:
                 new = g.call_function(torch.ops.aten.linear.default, (x, w, bias))
+            residual = node.kwargs.get("residual", node.args[8] if len(node.args) > 8 else None)
+            if residual is not None:  # the fused residual-add epilogue
+                new.meta.update(node.meta)
+                new = g.call_function(torch.ops.aten.add.Tensor, (new, residual))
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         g.erase_node(node)

@@ -124,3 +124,54 @@ def test_bad_kernels_option():
 
     with pytest.raises(RecipeError, match="kernels must be 'auto' or 'reference', got 'triton'"):
         sparsec.recipes.CompileOptions.from_dict({"recipe": "teal-40", "kernels": "triton"})
+
+
+@pytest.mark.parametrize("recipe,fused", [
+    ({"activation_threshold": {"mode": "teal", "sparsity": 0.4, "allocation": "uniform"}}, 4),  # o_proj, down_proj
+    ({"activation_threshold": {"mode": "cats", "sparsity": 0.5}}, 2),  # the CATS MLP of each block
+    ({"nm_weights": {"n": 2, "m": 4}}, 4),
+])
+def test_residual_adds_fused_into_the_kernels(tiny, tiny_batches, recipe, fused):
+    """Each block's ``h + o_proj(...)`` and ``h + mlp(...)`` become the kernel's epilogue
+    (one launch fewer per linear on GPU), with the same logits as the unfused reference."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = sparsec.calibrate(tiny, tiny_batches, {"passes": recipe}, progress=False)
+    x = torch.randint(0, 256, (2, 7))
+    with torch.no_grad():
+        ref = torch.compile(tiny, backend="sparsec",
+                            options={"plan": plan, "kernels": "reference", "dense_backend": "eager"})(x).logits
+        torch._dynamo.reset()
+        backend, made = _spy({"plan": plan, "dense_backend": "eager"})
+        out = torch.compile(tiny, backend=backend, fullgraph=True)(x).logits
+    gm = made[0].fn if isinstance(made[0], RefreshingCallable) else made[0]
+    with_residual = [n for n in gm.graph.nodes if n.op == "call_function" and n.kwargs.get("residual") is not None]
+    assert len(with_residual) == fused
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_residual_fusion_only_where_it_is_exact():
+    """No fusion where the add broadcasts, promotes, or the op's output has another user."""
+    import torch.fx as fx
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    import sparsec.kernels.activation  # noqa: F401  (defines the ops)
+    from sparsec.codegen import fuse_residual_adds
+
+    def f(x, wt, r, r_row):
+        sl = torch.ops.sparsec.sparse_linear.default  # overloads, as in the IR
+        a = sl(x, wt, None, 0.1)
+        b = sl(x, wt, None, 0.2)
+        c = sl(x, wt, None, 0.3)
+        add = torch.ops.aten.add.Tensor  # the IR's add (sparsec graphs are ATen-level)
+        return add(r, a), add(b, r_row), add(c, r.double()), c
+
+    gm = fx.symbolic_trace(f)
+    inputs = (torch.randn(3, 16), torch.randn(16, 11), torch.randn(3, 11), torch.randn(11))
+    FakeTensorProp(gm).propagate(*inputs)
+    expected = gm(*inputs)
+    assert fuse_residual_adds(gm) == 1
+    gm.recompile()
+    for got, want in zip(gm(*inputs), expected):
+        torch.testing.assert_close(got, want)
+    assert sum(n.kwargs.get("residual") is not None for n in gm.graph.nodes) == 1

@@ -183,3 +183,31 @@ def test_fallback_isas_build_and_lock(tmp_path):
     # exactly one of the two portable processes built; the other waited on the lock and loaded it
     assert sorted(o["cached"] for o in outs[:2]) == [False, True]
     assert outs[0]["path"] == outs[1]["path"] and str(tmp_path) in outs[0]["path"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 20])  # the kernel's batch paths and the prefill GEMM
+def test_residual_epilogue_of_every_prepared_op(ext, dtype, rows):
+    """``residual=`` adds the residual to the op's output: the same as adding it afterwards,
+    on every path (kernel, dense fallback), and a residual of another shape is refused."""
+    from sparsec.kernels import nm
+
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 1, 72, generator=g).to(dtype)
+    w, b = torch.randn(37, 72, generator=g).to(dtype), torch.randn(37, generator=g).to(dtype)
+    r = torch.randn(rows, 1, 37, generator=g).to(dtype)
+    wt = w.t().contiguous()
+    calls = {
+        "sparse_linear": lambda **kw: torch.ops.sparsec.sparse_linear(x, wt, b, 0.4, w, **kw),
+        "nm_linear": lambda **kw: torch.ops.sparsec.nm_linear(x, *nm.pack(w, nm.nm_mask(w.abs().float(), 2, 4), 2, 4),
+                                                              b, 2, 4, 0.4, True, **kw),
+    }
+    wg, wu, wd = (torch.randn(56, 72, generator=g).to(dtype), torch.randn(56, 72, generator=g).to(dtype),
+                  torch.randn(37, 56, generator=g).to(dtype))
+    calls["sparse_cats_mlp"] = lambda **kw: torch.ops.sparsec.sparse_cats_mlp(
+        x, wg, None, wu, None, wd.t().contiguous(), b, 0.3, "silu", **kw)
+    for name, call in calls.items():
+        torch.testing.assert_close(call(residual=r), call() + r, msg=name)
+        with pytest.raises(RuntimeError, match="residual of shape"):
+            call(residual=r[..., :5])
+    torch.library.opcheck(torch.ops.sparsec.sparse_linear.default, (x, wt, b, 0.4, w, r))

@@ -277,3 +277,26 @@ def test_nm_linear_translates(tmp_path, n, m, threshold):
     mod = OpModule(lambda x, v, p, b: torch.ops.sparsec.nm_linear(x, v, p, b, n, m, threshold), values, positions, bias)
     sess = export_op(mod, _x(3, k), tmp_path)
     _check(sess, mod, 6, k)
+
+
+def test_residual_epilogue_translates(tmp_path):
+    """The fused residual add (``residual=``, made by codegen) exports as an Add."""
+    from sparsec.kernels.nm import nm_mask, pack
+
+    g = torch.Generator().manual_seed(4)
+    w, b, r = torch.randn(37, 64, generator=g), torch.randn(37, generator=g), torch.randn(64, 37, generator=g)
+    v, p = pack(w, nm_mask(w.abs(), 2, 4), 2, 4)
+    wg, wu = torch.randn(45, 64, generator=g), torch.randn(45, 64, generator=g)
+    dwt = torch.randn(45, 37, generator=g)
+    ops = {
+        "sparse_linear": (lambda x, w_, b_, r_: torch.ops.sparsec.sparse_linear(x, w_, b_, 0.7, residual=x @ r_),
+                          w.t().contiguous(), b, r),
+        "nm_linear": (lambda x, v_, p_, b_, r_: torch.ops.sparsec.nm_linear(x, v_, p_, b_, 2, 4, 0.5, True,
+                                                                               residual=x @ r_), v, p, b, r),
+        "sparse_cats_mlp": (lambda x, a, c, d, e, r_: torch.ops.sparsec.sparse_cats_mlp(
+            x, a, None, c, None, d, e, 0.3, "silu", residual=x @ r_), wg, wu, dwt, b, r),
+    }
+    for name, (fn, *consts) in ops.items():
+        mod = OpModule(fn, *consts)
+        sess = export_op(mod, _x(3, 64), tmp_path)
+        _check(sess, mod, 5, 64)

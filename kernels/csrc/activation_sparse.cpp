@@ -35,7 +35,8 @@ at::Tensor sparsec_nm_linear(const at::Tensor& x, const at::Tensor& values, cons
                              const c10::optional<at::Tensor>& bias, int64_t n, int64_t m, double thr);
 at::Tensor sparsec_nm_linear_op(const at::Tensor& x, const at::Tensor& values, const at::Tensor& positions,
                                 const c10::optional<at::Tensor>& bias, int64_t n, int64_t m, double thr,
-                                bool dense_copy);
+                                bool dense_copy, const c10::optional<at::Tensor>& residual);
+at::Tensor sparsec_add_residual(at::Tensor y, const c10::optional<at::Tensor>& residual, const char* op);
 bool sparsec_cpu_has_amx_bf16();
 int64_t sparsec_nm_dense_copies();
 at::Tensor sparsec_nm_unpack(const at::Tensor& values, const at::Tensor& positions, int64_t n, int64_t m,
@@ -461,15 +462,17 @@ std::vector<int64_t> out_sizes(const at::Tensor& x, int64_t n) {
 }
 
 at::Tensor sparse_linear_op(const at::Tensor& x, const at::Tensor& wt, const c10::optional<at::Tensor>& bias,
-                            double thr, const c10::optional<at::Tensor>& weight) {
+                            double thr, const c10::optional<at::Tensor>& weight,
+                            const c10::optional<at::Tensor>& residual) {
   const int64_t K = x.size(-1), rows = K ? x.numel() / K : 0;
   TORCH_CHECK(wt.dim() == 2 && wt.size(0) == K, "sparsec::sparse_linear: weight_t must be [", K, ", out], got ",
               wt.sizes());
   if (!kernel_ok(x, {&wt, bias ? &*bias : nullptr}, rows))  // prefill: GEMM, on the original layout if given
-    return at::linear(threshold_ref(x, thr), weight ? *weight : wt.t(), bias);
+    return sparsec_add_residual(at::linear(threshold_ref(x, thr), weight ? *weight : wt.t(), bias), residual,
+                                "sparse_linear");
   auto y = sparse_linear(x.reshape({rows, K}).contiguous(), wt.contiguous(),
                          bias ? c10::optional<at::Tensor>(bias->contiguous()) : c10::nullopt, thr, weight);
-  return y.view(out_sizes(x, wt.size(1)));
+  return sparsec_add_residual(y.view(out_sizes(x, wt.size(1))), residual, "sparse_linear");
 }
 
 at::Tensor activation(const at::Tensor& g, c10::string_view act) {
@@ -482,17 +485,19 @@ at::Tensor activation(const at::Tensor& g, c10::string_view act) {
 
 at::Tensor sparse_cats_mlp_op(const at::Tensor& x, const at::Tensor& gw, const c10::optional<at::Tensor>& gb,
                               const at::Tensor& uw, const c10::optional<at::Tensor>& ub, const at::Tensor& dwt,
-                              const c10::optional<at::Tensor>& db, double thr, c10::string_view act) {
+                              const c10::optional<at::Tensor>& db, double thr, c10::string_view act,
+                              const c10::optional<at::Tensor>& residual) {
   const int64_t H = x.size(-1), rows = H ? x.numel() / H : 0;
   auto a = activation(at::linear(x, gw, gb), act);  // the gate is dense: CATS decides from it
   if (!kernel_ok(x, {&gw, &uw, &dwt, gb ? &*gb : nullptr, ub ? &*ub : nullptr, db ? &*db : nullptr}, rows))
-    return at::linear(threshold_ref(a, thr) * at::linear(x, uw, ub), dwt.t(), db);
+    return sparsec_add_residual(at::linear(threshold_ref(a, thr) * at::linear(x, uw, ub), dwt.t(), db), residual,
+                                "sparse_cats_mlp");
   auto c = [](const c10::optional<at::Tensor>& t) {
     return t ? c10::optional<at::Tensor>(t->contiguous()) : c10::nullopt;
   };
   auto y = cats_mlp(x.reshape({rows, H}).contiguous(), a.reshape({rows, a.size(-1)}).contiguous(), uw.contiguous(),
                     c(ub), dwt.contiguous(), c(db), thr);
-  return y.view(out_sizes(x, dwt.size(1)));
+  return sparsec_add_residual(y.view(out_sizes(x, dwt.size(1))), residual, "sparse_cats_mlp");
 }
 
 void register_ops() {
@@ -514,7 +519,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("weight_t"), py::arg("bias"), py::arg("threshold"), py::arg("weight") = py::none());
   m.def("cats_mlp", &cats_mlp, "CATS MLP on 2-D inputs, reading only active rows of Wup and of Wdown^T");
   m.def("sparse_linear_op", &sparse_linear_op, "sparsec::sparse_linear's CPU kernel (any shape, with fallbacks)",
-        py::arg("x"), py::arg("weight_t"), py::arg("bias"), py::arg("threshold"), py::arg("weight") = py::none());
+        py::arg("x"), py::arg("weight_t"), py::arg("bias"), py::arg("threshold"), py::arg("weight") = py::none(),
+        py::arg("residual") = py::none());
   m.def("sparse_cats_mlp_op", &sparse_cats_mlp_op, "sparsec::sparse_cats_mlp's CPU kernel");
   m.def("register_ops", &register_ops, "register the ops above as the CPU kernels of the sparsec ops");
   m.def("nm_linear", &sparsec_nm_linear, "N:M compressed linear on 2-D inputs (<= 16 rows)");

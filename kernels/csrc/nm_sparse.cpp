@@ -515,23 +515,35 @@ int64_t sparsec_nm_dense_copies() {
   return static_cast<int64_t>(dense_copies.size());
 }
 
+// The residual-add epilogue (sparsec.codegen fuses ``residual + op(...)`` into the op): added in
+// place to the op's fresh output, so no second output tensor. The shapes must match exactly
+// (codegen fuses only same-shape, same-dtype adds): a broadcast here would be a silent change.
+at::Tensor sparsec_add_residual(at::Tensor y, const c10::optional<at::Tensor>& residual, const char* op) {
+  if (!residual) return y;
+  TORCH_CHECK(residual->sizes() == y.sizes() && residual->scalar_type() == y.scalar_type(), "sparsec::", op,
+              ": residual of shape ", residual->sizes(), " and dtype ", residual->scalar_type(),
+              " does not match the output (", y.sizes(), ", ", y.scalar_type(), ")");
+  return y.add_(*residual);
+}
+
 at::Tensor sparsec_nm_linear_op(const at::Tensor& x, const at::Tensor& values, const at::Tensor& positions,
                                 const c10::optional<at::Tensor>& bias, int64_t n, int64_t m, double thr,
-                                bool dense_copy) {
+                                bool dense_copy, const c10::optional<at::Tensor>& residual) {
   const int64_t K = x.size(-1), rows = K ? x.numel() / K : 0;
   TORCH_CHECK(values.dim() == 2 && values.size(1) * m == K * n, "sparsec::nm_linear: ", n, ":", m,
               " values of shape ", values.sizes(), " do not fit ", K, " input features");
   if (dense_copy && rows > 0 && x.device().is_cpu() && unpack_on_cpu(values, positions) &&
       values.scalar_type() == x.scalar_type() && dense_copy_wins(x.scalar_type(), rows)) {
     check_packed(values, positions, n, m, K);
-    return at::linear(threshold_ref(x, thr), dense_copy_of(values, positions, n, m, K), bias);
+    return sparsec_add_residual(at::linear(threshold_ref(x, thr), dense_copy_of(values, positions, n, m, K), bias),
+                                residual, "nm_linear");
   }
   const bool ok = (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
                   values.scalar_type() == x.scalar_type() && (!bias || bias->scalar_type() == x.scalar_type()) &&
                   rows > 0 && rows <= 16 && x.device().is_cpu();
-  if (!ok) return nm_reference(x, values, positions, bias, n, m, thr);
+  if (!ok) return sparsec_add_residual(nm_reference(x, values, positions, bias, n, m, thr), residual, "nm_linear");
   auto y = sparsec_nm_linear(x.reshape({rows, K}), values, positions, bias, n, m, thr);
   auto sizes = x.sizes().vec();
   sizes.back() = values.size(0);
-  return y.view(sizes);
+  return sparsec_add_residual(y.view(sizes), residual, "nm_linear");
 }
