@@ -33,7 +33,7 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["extension", "isa", "cache_dir", "build_info", "ISA_FLAGS"]
+__all__ = ["extension", "loaded", "isa", "cache_dir", "build_info", "ISA_FLAGS"]
 
 log = logging.getLogger("sparsec.kernels")
 
@@ -97,6 +97,11 @@ def _import(name: str, path: Path) -> ModuleType:
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def loaded() -> ModuleType | None:
+    """This machine's kernels module if it is loaded already (never builds)."""
+    return _loaded.get(isa())
 
 
 def extension(which: str | None = None) -> ModuleType | None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -343,6 +344,9 @@ class NMWeights(Pass):
             x = first.args[0]
             name = "+".join(mm[0].key for mm in members)
             va = _constant(ctx, f"{name}.values", torch.cat([mm[4] for mm in members]), first)
+            if config.dense_copy:  # the kernel's cached dense copy goes when these values do
+                values = getattr(ctx.gm, va.target)
+                weakref.finalize(values, _drop_dense_copy, values._cdata)
             pa = _constant(ctx, f"{name}.positions", torch.cat([mm[5] for mm in members]), first)
             with graph.inserting_before(first):
                 fused = graph.call_function(torch.ops.sparsec.nm_linear.default,
@@ -376,6 +380,20 @@ def _recorder(stats: dict, hessian: bool):
         stats[key] = stats[key] + v if key in stats else v
 
     return sparsec_nm_record
+
+
+def _drop_dense_copy(impl: int) -> None:
+    """Free the dense copy (kernels/csrc/nm_sparse.cpp) of compressed values being freed (their
+    TensorImpl address): the C++ cache holds the values by a weak reference, which cannot
+    call back when they die."""
+    try:
+        from sparsec.kernels import cpu
+
+        ext = cpu.loaded()  # not loaded: no copy was ever made
+        if ext is not None:
+            ext.nm_drop_dense_copy(impl)
+    except Exception:  # at interpreter exit the modules may already be gone
+        pass
 
 
 def _constant(ctx: GraphContext, key: str, value: torch.Tensor, like: fx.Node | None = None) -> fx.Node:

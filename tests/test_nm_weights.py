@@ -341,7 +341,7 @@ def test_dense_copy_matches_masked_dense_and_follows_its_weight(dtype):
     b = torch.randn(out_f, generator=g).to(dtype)
     x = torch.randn(3, 7, in_f, generator=g).to(dtype)  # 21 tokens
     gc.collect()
-    before = ext.nm_dense_copies()
+    before = ext.nm_dense_copies(True)
     for t in (-1.0, 0.5):
         xs = x if t < 0 else sparsec.kernels.activation.threshold_reference(x, t)
         got = torch.ops.sparsec.nm_linear(x, v, p, b, 2, 4, t, True)
@@ -358,7 +358,7 @@ def test_dense_copy_matches_masked_dense_and_follows_its_weight(dtype):
     torch.testing.assert_close(got, F.linear(x, 2 * w * keep))
     del v
     gc.collect()
-    assert ext.nm_dense_copies() == before
+    assert ext.nm_dense_copies(True) == before  # dropped once its values are gone
 
 
 def test_teal_with_nm_is_calibrated_on_the_pruned_model(tiny, tiny_batches):
@@ -378,3 +378,25 @@ def test_teal_with_nm_is_calibrated_on_the_pruned_model(tiny, tiny_batches):
         assert plan.sites[k]["threshold"] == pytest.approx(on_pruned.sites[k]["threshold"], rel=1e-6), k
     moved = [k for k in keys if plan.sites[k]["threshold"] != pytest.approx(on_dense.sites[k]["threshold"], rel=1e-3)]
     assert len(moved) >= len(keys) // 2  # pruning upstream weights moves most sites' thresholds
+
+
+def test_compiled_prefill_uses_dense_copies_freed_with_the_compiled_model(tiny, tiny_batches):
+    """A compiled 2:4 model's prefill (> 16 tokens) makes one dense copy per compressed weight;
+    they go when the compiled model does (nothing else would free them)."""
+    import gc
+
+    ext = sparsec.kernels.cpu.extension()
+    if ext is None:
+        pytest.skip("the C++ kernels could not be built here")
+    plan = sparsec.calibrate(tiny, tiny_batches, {"passes": {"nm_weights": {"n": 2, "m": 4}}}, progress=False)
+    gc.collect()
+    before = ext.nm_dense_copies(True)
+    x = torch.randint(0, 256, (1, 20))
+    compiled = torch.compile(tiny, backend="sparsec", options={"plan": plan, "dense_backend": "eager"})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x).logits, _dense_reference(tiny, plan)(x).logits, atol=1e-4, rtol=1e-4)
+    assert ext.nm_dense_copies() == before + 8  # 2 blocks x (q/k/v, o, gate/up, down)
+    del compiled
+    torch._dynamo.reset()
+    gc.collect()
+    assert ext.nm_dense_copies() == before

@@ -38,7 +38,8 @@ at::Tensor sparsec_nm_linear_op(const at::Tensor& x, const at::Tensor& values, c
                                 bool dense_copy, const c10::optional<at::Tensor>& residual);
 at::Tensor sparsec_add_residual(at::Tensor y, const c10::optional<at::Tensor>& residual, const char* op);
 bool sparsec_cpu_has_amx_bf16();
-int64_t sparsec_nm_dense_copies();
+int64_t sparsec_nm_dense_copies(bool drop_dead);
+bool sparsec_nm_drop_dense_copy(int64_t impl);
 at::Tensor sparsec_nm_unpack(const at::Tensor& values, const at::Tensor& positions, int64_t n, int64_t m,
                              int64_t in_features);
 
@@ -525,7 +526,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("register_ops", &register_ops, "register the ops above as the CPU kernels of the sparsec ops");
   m.def("nm_linear", &sparsec_nm_linear, "N:M compressed linear on 2-D inputs (<= 16 rows)");
   m.def("nm_linear_op", &sparsec_nm_linear_op, "sparsec::nm_linear's CPU kernel");
-  m.def("nm_dense_copies", &sparsec_nm_dense_copies, "how many N:M weights hold a dense copy now");
+  m.def("nm_dense_copies", &sparsec_nm_dense_copies, "how many N:M dense copies are held",
+        py::arg("drop_dead") = false);
+  m.def("nm_drop_dense_copy", &sparsec_nm_drop_dense_copy, "drop the dense copy of the values at this TensorImpl");
   m.def("nm_unpack", &sparsec_nm_unpack, "dense weight from values + packed positions");
   m.def("isa", &isa_name, "the instruction set this build was compiled for");
 }

@@ -507,10 +507,19 @@ at::Tensor dense_copy_of(const at::Tensor& values, const at::Tensor& positions, 
 }
 }  // namespace
 
-// how many dense copies are held (dropping those of dead weights first): for tests and reports
-int64_t sparsec_nm_dense_copies() {
+// Drop the dense copy of the values tensor at this TensorImpl address: called by the nm pass as
+// its compressed weights are freed (a Python finalizer runs before the weak reference above
+// expires, so it names the tensor). Returns whether there was one.
+bool sparsec_nm_drop_dense_copy(int64_t impl) {
   std::lock_guard<std::mutex> g(dense_copies_mu);
-  for (auto it = dense_copies.begin(); it != dense_copies.end();)
+  return dense_copies.erase(reinterpret_cast<const c10::TensorImpl*>(impl)) > 0;
+}
+
+// how many dense copies are held, after dropping those of dead weights if asked (inserting a
+// copy drops them too)
+int64_t sparsec_nm_dense_copies(bool drop_dead) {
+  std::lock_guard<std::mutex> g(dense_copies_mu);
+  for (auto it = dense_copies.begin(); drop_dead && it != dense_copies.end();)
     it = it->second.values.expired() ? dense_copies.erase(it) : std::next(it);
   return static_cast<int64_t>(dense_copies.size());
 }
