@@ -128,11 +128,15 @@ def main() -> None:
     ap.add_argument("--nm", action="store_true", help="benchmark the N:M compressed linear")
     ap.add_argument("--batches", type=int, nargs="*", default=None, help="only these batch sizes")
     ap.add_argument("--dtypes", nargs="*", default=None, choices=list(DTYPES), help="only these dtypes")
+    ap.add_argument("--shapes", nargs="*", default=None, metavar="OUTxIN",
+                    help="weight shapes instead of the defaults, e.g. 960x576 576x1536 (SmolLM2's)")
     ap.add_argument("--dense-copy", action="store_true",
                     help="--nm: let calls where dense wins use a cached dense copy (the pass's default)")
     ap.add_argument("--n", type=int, default=2)
     ap.add_argument("--m", type=int, default=4)
     a = ap.parse_args()
+    if a.shapes:
+        SHAPES[:] = [tuple(int(v) for v in sh.lower().split("x")) for sh in a.shapes]
     if a.dtypes:
         for d in list(DTYPES):
             if d not in a.dtypes:

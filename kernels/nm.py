@@ -7,15 +7,16 @@ power of two that holds ``m - 1``), little-endian inside each byte, each row pad
 multiple of 4 bytes (the kernel reads 32 bits at a time). 2:4 fp32: 0.5 + 0.0625 of the dense
 bytes (ideal speedup 1.78x); bf16: 0.5 + 0.125 (1.6x).
 
-``sparsec::nm_linear(x, values, positions, bias, n, m, threshold, dense_copy=False)``:
-``y = W_nm s_t(x) + b``; ``threshold < 0`` means no activation threshold (with one, the op is
-the TEAL + N:M composition). CPU: C++ kernel (``kernels/csrc/nm_sparse.cpp``) for up to 16
+``sparsec::nm_linear(x, values, positions, bias, n, m, threshold, dense_copy=False,
+residual=None)``: ``y = W_nm s_t(x) + b``; ``threshold < 0`` means no activation threshold
+(with one, the op is the TEAL + N:M composition). CPU: C++ kernel (``kernels/csrc/nm_sparse.cpp``) for up to 16
 tokens, else a dense GEMM on the weight unpacked block by block; with ``dense_copy`` (the
 pass's default), the calls where a dense GEMM wins (more than 16 tokens, bf16 from 5 tokens on
-an AMX CPU) use a masked dense copy of the weight made once and cached. CUDA: the generated Triton GEMV up to 16 tokens; above,
-2:4 half-precision weights go to PyTorch's semi-structured sparse GEMM (cuSPARSELt or
-CUTLASS) where ``semi_structured_route`` says it wins, else a dense GEMM on the unpacked
-weight. Other devices: the reference.
+an AMX CPU) use a masked dense copy of the weight made once and cached. ``residual``: added to
+the output (the epilogue ``sparsec.codegen`` fuses). CUDA: the generated Triton GEMV up to 16
+tokens; above, 2:4 half-precision weights go to PyTorch's semi-structured sparse GEMM
+(cuSPARSELt or CUTLASS) where ``semi_structured_route`` says it wins, else a dense GEMM on the
+unpacked weight. Other devices: the reference.
 """
 
 from __future__ import annotations
@@ -185,19 +186,38 @@ def _semi_structured_weight(values, positions, n, m, in_features, backend):
     return w
 
 
-def nm_linear_cuda_large(x, values, positions, bias, n, m, threshold):
+# compressed weight -> (its version, its masked dense weight): the GPU's dense_copy
+_DENSE: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def dense_weight(values, positions, n: int, m: int, in_features: int) -> torch.Tensor:
+    """The unpacked (masked dense) weight, made once per compressed weight and remade if values
+    or positions change in place; it goes with the values (a weak key)."""
+    key = (values._version, positions._version, positions.data_ptr())
+    hit = _DENSE.get(values)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    w = unpack(values, positions, n, m, in_features)
+    _DENSE[values] = (key, w)
+    return w
+
+
+def nm_linear_cuda_large(x, values, positions, bias, n, m, threshold, dense_copy=False):
     """``sparsec::nm_linear`` on CUDA above the GEMV's batch: semi-structured where it wins,
-    else a dense GEMM on the unpacked weight (the same kept weights either way)."""
+    else a dense GEMM on the unpacked weight (the same kept weights either way), cached with
+    ``dense_copy`` instead of unpacked per call."""
     from .activation import threshold_reference
 
     k = x.shape[-1]
     tokens = x.numel() // max(k, 1)
     route = semi_structured_route(tokens, values.shape[0], k, n, m, x.dtype,
-                                  torch.cuda.get_device_capability(x.device),
+                                  torch.cuda.get_device_capability(x.device) if x.is_cuda else None,
                                   _available_semi_structured_backends())
-    if route is None:
-        return nm_linear_reference(x, values, positions, bias, n, m, threshold)
     xs = threshold_reference(x, threshold) if threshold >= 0 else x
+    if route is None:
+        if dense_copy:
+            return F.linear(xs, dense_weight(values, positions, n, m, k), bias)
+        return nm_linear_reference(x, values, positions, bias, n, m, threshold)
     w = _semi_structured_weight(values, positions, n, m, k, route)
     y = F.linear(xs.reshape(-1, k), w, bias)
     return y.reshape(*x.shape[:-1], values.shape[0])
@@ -232,4 +252,5 @@ def _(x, values, positions, bias, n, m, threshold, dense_copy=False, residual=No
 def _(x, values, positions, bias, n, m, threshold, dense_copy=False, residual=None):
     from . import triton_gen
 
-    return triton_gen.nm_linear_cuda(x, values, positions, bias, n, m, threshold, residual=residual)
+    return triton_gen.nm_linear_cuda(x, values, positions, bias, n, m, threshold, residual=residual,
+                                     dense_copy=dense_copy)

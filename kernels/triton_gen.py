@@ -404,7 +404,7 @@ def sparse_cats_mlp_cuda(x, gate_weight, gate_bias, up_weight, up_bias, down_wei
     return y.reshape(*x.shape[:-1], n)
 
 
-def nm_linear_cuda(x, values, positions, bias, n, m, threshold, residual=None):
+def nm_linear_cuda(x, values, positions, bias, n, m, threshold, residual=None, dense_copy=False):
     """``sparsec::nm_linear`` on CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``).
 
     Decode sizes (<= 16 tokens) run the generated GEMV; larger batches on CUDA go to
@@ -414,7 +414,7 @@ def nm_linear_cuda(x, values, positions, bias, n, m, threshold, residual=None):
     k = x.shape[-1]
     rows = x.numel() // max(k, 1)
     if rows > MAX_BATCH and x.is_cuda:
-        y = nm.nm_linear_cuda_large(x, values, positions, bias, n, m, threshold)
+        y = nm.nm_linear_cuda_large(x, values, positions, bias, n, m, threshold, dense_copy)
         return y if residual is None else y + residual
     if rows == 0 or rows > MAX_BATCH or x.dtype not in _TL_DTYPE or not available():
         y = nm.nm_linear_reference(x, values, positions, bias, n, m, threshold)

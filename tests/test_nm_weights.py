@@ -400,3 +400,29 @@ def test_compiled_prefill_uses_dense_copies_freed_with_the_compiled_model(tiny, 
     torch._dynamo.reset()
     gc.collect()
     assert ext.nm_dense_copies() == before
+
+
+def test_gpu_prefill_path_caches_its_dense_weight():
+    """The CUDA path above the Triton GEMV's batch (no semi-structured route: here CPU tensors)
+    multiplies a cached dense weight with ``dense_copy``: made once, remade after an in-place
+    change, gone with the values."""
+    import gc
+
+    g = torch.Generator().manual_seed(11)
+    w, b = torch.randn(29, 40, generator=g), torch.randn(29, generator=g)
+    keep = nm.nm_mask(w.abs(), 2, 4)
+    v, p = nm.pack(w, keep, 2, 4)
+    x = torch.randn(20, 40, generator=g)
+    for dense_copy in (False, True):
+        got = nm.nm_linear_cuda_large(x, v, p, b, 2, 4, 0.5, dense_copy)
+        torch.testing.assert_close(got, F.linear(sparsec.kernels.activation.threshold_reference(x, 0.5), w * keep, b))
+    first = nm.dense_weight(v, p, 2, 4, 40)
+    assert nm.dense_weight(v, p, 2, 4, 40) is first
+    with torch.no_grad():
+        v.mul_(2)
+    again = nm.dense_weight(v, p, 2, 4, 40)
+    assert again is not first and torch.equal(again, 2 * w * keep)
+    held = len(nm._DENSE)
+    del v
+    gc.collect()
+    assert len(nm._DENSE) == held - 1

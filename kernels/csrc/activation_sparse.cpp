@@ -40,6 +40,7 @@ at::Tensor sparsec_add_residual(at::Tensor y, const c10::optional<at::Tensor>& r
 bool sparsec_cpu_has_amx_bf16();
 int64_t sparsec_nm_dense_copies(bool drop_dead);
 bool sparsec_nm_drop_dense_copy(int64_t impl);
+at::Tensor sparsec_threshold_ref(const at::Tensor& x, double thr);
 at::Tensor sparsec_nm_unpack(const at::Tensor& values, const at::Tensor& positions, int64_t n, int64_t m,
                              int64_t in_features);
 
@@ -441,12 +442,7 @@ torch::Tensor cats_mlp(torch::Tensor x, torch::Tensor a, torch::Tensor wup, c10:
 
 constexpr int64_t MAX_ROWS = 16;
 
-at::Tensor threshold_ref(const at::Tensor& x, double thr) {
-  // compare in fp32 (a bf16 comparison rounds the threshold); keep NaN
-  auto xa = (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) ? x.abs() : x.abs().to(at::kFloat);
-  auto keep = xa.gt(thr).logical_or(x.isnan());
-  return at::where(keep, x, at::zeros({}, x.options()));
-}
+inline at::Tensor threshold_ref(const at::Tensor& x, double thr) { return sparsec_threshold_ref(x, thr); }
 
 bool kernel_ok(const at::Tensor& x, std::initializer_list<const at::Tensor*> ws, int64_t rows) {
   if (!(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16)) return false;

@@ -265,22 +265,23 @@ at::Tensor sparsec_nm_unpack(const at::Tensor& values, const at::Tensor& positio
 at::Tensor unpack_scratch(const at::Tensor& values, const at::Tensor& positions, int64_t n, int64_t m,
                           int64_t in_features, int64_t row0, int64_t nrows);
 
+// s_t(x) for the dense paths of both kernel files: zero where |x| <= t, compared in fp32 (a bf16
+// comparison rounds the threshold); NaN stays; t < 0: x unchanged
+at::Tensor sparsec_threshold_ref(const at::Tensor& x, double thr) {
+  if (thr < 0) return x;
+  auto xa = (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) ? x.abs() : x.abs().to(at::kFloat);
+  return at::where(xa.gt(thr).logical_or(x.isnan()), x, at::zeros({}, x.options()));
+}
+
 namespace {
 // the C++ unpack handles it (else ATen ops on the tensors' device)
 bool unpack_on_cpu(const at::Tensor& values, const at::Tensor& positions) {
   return values.device().is_cpu() && positions.device().is_cpu() && positions.scalar_type() == at::kByte;
 }
 
-// s_t(x): zero where |x| <= t (compared in fp32 for half types; NaN stays); t < 0: x
-at::Tensor threshold_ref(const at::Tensor& x, double thr) {
-  if (thr < 0) return x;
-  auto xa = (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) ? x.abs() : x.abs().to(at::kFloat);
-  return at::where(xa.gt(thr).logical_or(x.isnan()), x, at::zeros({}, x.options()));
-}
-
 at::Tensor nm_reference(const at::Tensor& x, const at::Tensor& values, const at::Tensor& positions,
                         const c10::optional<at::Tensor>& bias, int64_t n, int64_t m, double thr) {
-  auto xs = threshold_ref(x, thr);
+  auto xs = sparsec_threshold_ref(x, thr);
   const int64_t K = x.size(-1), O = values.size(0);
   const bool cpu = x.device().is_cpu() && unpack_on_cpu(values, positions);
   // Blocks of output rows whose weight (~1 MiB) is unpacked into L2 and multiplied at once:
@@ -544,8 +545,8 @@ at::Tensor sparsec_nm_linear_op(const at::Tensor& x, const at::Tensor& values, c
   if (dense_copy && rows > 0 && x.device().is_cpu() && unpack_on_cpu(values, positions) &&
       values.scalar_type() == x.scalar_type() && dense_copy_wins(x.scalar_type(), rows)) {
     check_packed(values, positions, n, m, K);
-    return sparsec_add_residual(at::linear(threshold_ref(x, thr), dense_copy_of(values, positions, n, m, K), bias),
-                                residual, "nm_linear");
+    auto dense = dense_copy_of(values, positions, n, m, K);
+    return sparsec_add_residual(at::linear(sparsec_threshold_ref(x, thr), dense, bias), residual, "nm_linear");
   }
   const bool ok = (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
                   values.scalar_type() == x.scalar_type() && (!bias || bias->scalar_type() == x.scalar_type()) &&
