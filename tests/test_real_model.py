@@ -48,6 +48,47 @@ def test_teal25_within_budget(smol):
     assert sparse != dense  # sparsity acts
 
 
+def _clear_of_activations(model, plan, ids, margin: float = 1e-5) -> dict:
+    """Move each threshold of ``plan`` that an activation of ``model(ids)`` (with the plan's
+    pruned weights and thresholds applied, in layer order) comes within ``margin`` of, by
+    steps of 3 x ``margin``, until none does; returns ``{site: (old, new)}`` of those moved.
+    Sites sharing an input see the same activations and so move alike."""
+    import copy
+
+    from sparsec.kernels import nm
+    from sparsec.kernels.activation import threshold_reference
+
+    ref = copy.deepcopy(model)
+    for key, e in plan.sites.items():
+        if e["pass"] == "nm_weights":
+            w = ref.get_parameter(e["weights"]["weight"])
+            with torch.no_grad():
+                w.copy_(nm.unpack(plan.tensors[f"{key}.values"], plan.tensors[f"{key}.positions"], e["n"], e["m"],
+                                  w.shape[1]))
+    moved = {}
+
+    def clear(mod, args, key):
+        x = args[0].abs()
+        t0 = t = plan.sites[key]["threshold"]
+        for k in range(1, 50):
+            if not bool(((x - t).abs() <= margin * t).any()):
+                break
+            t = t0 * (1 + 3 * margin * ((k + 1) // 2) * (1 if k % 2 else -1))  # +1, -1, +2, -2 ... steps
+        if t != t0:
+            plan.sites[key]["threshold"] = t
+            moved[key] = (t0, t)
+        return (threshold_reference(args[0], t),)
+
+    hooks = [ref.get_submodule(e["weights"]["weight"].rpartition(".")[0]).register_forward_pre_hook(
+                 lambda m, a, key=key: clear(m, a, key))
+             for key, e in plan.sites.items() if e["pass"] == "activation_threshold" and e["sparsity"] > 0]
+    with torch.no_grad():
+        ref(ids)
+    for h in hooks:
+        h.remove()
+    return moved
+
+
 def test_smollm2_onnx_export_matches_sparsec(smol, tmp_path):
     """2:4 (magnitude) + TEAL 40% (uniform) on SmolLM2's real weights (its first 6 blocks, to
     keep the export under a minute), exported to ONNX with compressed N:M weights and run in
@@ -60,8 +101,13 @@ def test_smollm2_onnx_export_matches_sparsec(smol, tmp_path):
     correct fp32 implementations that sum in another order differ as much: bench/export_onnx.py).
     So in float64, where the model's own arithmetic leaves ~2e-7 relative differences (HF's
     RMSNorm and rotary embedding compute in fp32 even then), far fewer activations sit close
-    enough to a threshold to flip: here none does, and the logits agree to 1e-5 relative.
-    (The float32-rounded threshold constant an earlier translation used gave 0.13 on the whole model.)"""
+    enough to a threshold to flip, but some still may (with thresholds calibrated on the pruned
+    model, activations of these inputs came within 1e-7 of a threshold and two of the three rows
+    flipped). So each threshold that an
+    activation of the test input comes within 1e-5 (relative) of is first moved by a few 1e-5
+    until none does (``_clear_of_activations``): the comparison then tests the translation, not
+    rounding luck, and the logits agree to 1e-5 relative. (The float32-rounded threshold
+    constant an earlier translation used gave 0.13 on the whole model.)"""
     import copy
 
     import onnxruntime as ort
@@ -78,9 +124,11 @@ def test_smollm2_onnx_export_matches_sparsec(smol, tmp_path):
         warnings.simplefilter("ignore")
         plan = sparsec.calibrate(part, calibration_windows(tok, 2, 64, batch=2), recipe, progress=False)
     part = part.double()
+    ids = torch.cat(evaluation_windows(tok, 3, 45))  # [3, 45]
+    moved = _clear_of_activations(part, plan, ids)  # about a third of the sites, by <= 1e-3 relative
+    assert all(abs(t / t0 - 1) < 1e-3 for t0, t in moved.values())
     path = sparsec.export_onnx(part, (torch.cat(evaluation_windows(tok, 2, 8)),), tmp_path / "smol.onnx", plan=plan,
                                progress=False)
-    ids = torch.cat(evaluation_windows(tok, 3, 45))  # [3, 45]
     with torch.no_grad():
         ref = sparsec.export(part, (ids,), plan=plan).module()(ids).logits
         dense = part(ids).logits
