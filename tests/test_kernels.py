@@ -69,6 +69,30 @@ def test_multi_token_kernel_path_with_shared_inactive_inputs(ext, dtype, batch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [8, 16])
+def test_dense_fallback_thresholds_exactly(ext, dtype, batch):
+    """Above the break-even union density the kernel thresholds the tokens (vectorised, 16
+    inputs at a time plus a masked tail) and runs the library GEMM: the reference's result,
+    with |x| == t dropped, NaN and +-inf kept (outputs 0 and 1 read one input each, exactly)."""
+    g = torch.Generator().manual_seed(batch)
+    k, n = 1001, 67
+    x = torch.randn(batch, k, generator=g).to(dtype)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype)
+    w[:2] = 0
+    w[0, 10] = w[1, 1000] = 1  # output 0 = s_t(x)[:, 10], output 1 = s_t(x)[:, 1000]
+    t = float(x[0, 10].abs())  # token 0's input 10 sits exactly at the threshold: dropped
+    x[1, 3], x[2, 1000], x[3, 1000], x[4, 16] = float("nan"), float("inf"), -float("inf"), -0.0
+    got = ext.sparse_linear(x, w.t().contiguous(), None, t, w)
+    ref = F.linear(A.threshold_reference(x, t), w)
+    assert torch.equal(torch.isnan(got), torch.isnan(ref)) and torch.isnan(got[1]).all()
+    assert got[0, 0] == 0 and got[2, 1] == float("inf") and got[3, 1] == -float("inf")
+    kept = A.threshold_reference(x, t)[5:, 1000]  # the masked tail lane, tokens without inf/nan
+    assert torch.equal(got[5:, 1], kept)
+    fin = torch.isfinite(ref)
+    _close(got[fin], ref[fin], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sparse_linear_edge_cases(ext, dtype):
     x = torch.randn(3, 37).to(dtype)
     wt = torch.randn(37, 29).to(dtype)

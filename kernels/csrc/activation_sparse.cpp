@@ -343,8 +343,43 @@ inline bool cpu_has_amx_bf16() { return sparsec_cpu_has_amx_bf16(); }
 
 // xs = s_t(x) (NaN stays, as in the kernel) and the number of inputs active in any row, in
 // one pass: the five ATen ops it replaces cost 0.3 ms at 16 x 4096, 7% of a bf16 GEMM.
+#if defined(SPARSEC_AVX512)
+// 16 inputs at a time: one compare gives the active lanes (!(|x| <= t), so NaN is active), a
+// masked move zeroes the rest, and the lanes' masks OR into the union. The scalar loop below
+// branched on each input: at half density that cost 1.3 ms for 16 x 11008 bf16 inputs (0.4 ms
+// with every input active), 10% of the GEMM it feeds on 4096x11008.
+inline void threshold16(const float* x, float* xs, __mmask16 lanes, __m512 t, uint16_t* any) {
+  const __m512 v = _mm512_maskz_loadu_ps(lanes, x);
+  const __mmask16 keep = _mm512_cmp_ps_mask(_mm512_abs_ps(v), t, _CMP_NLE_UQ) & lanes;
+  _mm512_mask_storeu_ps(xs, lanes, _mm512_maskz_mov_ps(keep, v));
+  *any |= keep;
+}
+inline void threshold16(const c10::BFloat16* x, c10::BFloat16* xs, __mmask16 lanes, __m512 t, uint16_t* any) {
+  const __m256i raw = _mm256_maskz_loadu_epi16(lanes, x);
+  const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+  const __mmask16 keep = _mm512_cmp_ps_mask(_mm512_abs_ps(v), t, _CMP_NLE_UQ) & lanes;
+  _mm256_mask_storeu_epi16(xs, lanes, _mm256_maskz_mov_epi16(keep, raw));
+  *any |= keep;
+}
+#endif
+
 template <typename T>
 int64_t threshold_union(const T* x, int64_t B, int64_t K, float thr, T* xs) {
+#if defined(SPARSEC_AVX512)
+  thread_local std::vector<uint16_t> any16;
+  const int64_t nv = (K + 15) / 16;
+  any16.assign(static_cast<size_t>(nv), 0);
+  const __m512 t = _mm512_set1_ps(thr);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t v = 0; v < nv; ++v) {
+      const int64_t k = v * 16, n = std::min<int64_t>(16, K - k);
+      const __mmask16 lanes = n == 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
+      threshold16(x + b * K + k, xs + b * K + k, lanes, t, &any16[v]);
+    }
+  int64_t n = 0;
+  for (int64_t v = 0; v < nv; ++v) n += __builtin_popcount(any16[v]);
+  return n;
+#else
   thread_local std::vector<uint8_t> any;
   any.assign(static_cast<size_t>(K), 0);
   for (int64_t b = 0; b < B; ++b)
@@ -356,6 +391,7 @@ int64_t threshold_union(const T* x, int64_t B, int64_t K, float thr, T* xs) {
   int64_t n = 0;
   for (int64_t k = 0; k < K; ++k) n += any[k];
   return n;
+#endif
 }
 
 inline double dense_density_limit(at::ScalarType dtype, int64_t B) {
