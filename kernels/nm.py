@@ -9,10 +9,11 @@ bytes (ideal speedup 1.78x); bf16: 0.5 + 0.125 (1.6x).
 
 ``sparsec::nm_linear(x, values, positions, bias, n, m, threshold, dense_copy=False,
 residual=None)``: ``y = W_nm s_t(x) + b``; ``threshold < 0`` means no activation threshold
-(with one, the op is the TEAL + N:M composition). CPU: C++ kernel (``kernels/csrc/nm_sparse.cpp``) for up to 16
-tokens, else a dense GEMM on the weight unpacked block by block; with ``dense_copy`` (the
-pass's default), the calls where a dense GEMM wins (more than 16 tokens, bf16 from 5 tokens on
-an AMX CPU) use a masked dense copy of the weight made once and cached. ``residual``: added to
+(with one, the op is the TEAL + N:M composition). CPU: C++ kernel
+(``kernels/csrc/nm_sparse.cpp``) for up to 16 tokens, else a dense GEMM on the weight
+unpacked block by block; with ``dense_copy`` (the pass's default), the calls where a dense
+GEMM wins (more than 16 tokens, bf16 from 5 tokens on an AMX CPU) use a masked dense copy of
+the weight made once and cached. ``residual``: added to
 the output (the epilogue ``sparsec.codegen`` fuses). CUDA: the generated Triton GEMV up to 16
 tokens; above, 2:4 half-precision weights go to PyTorch's semi-structured sparse GEMM
 (cuSPARSELt or CUTLASS) where ``semi_structured_route`` says it wins, else a dense GEMM on the
@@ -162,44 +163,43 @@ def _available_semi_structured_backends() -> tuple[str, ...]:
     return ("cusparselt", "cutlass") if cslt is not None and cslt.is_available() else ("cutlass",)
 
 
-# compressed weight -> (its version, the semi-structured weight); rebuilt if values change
-# (keyed by identity: tensors compare elementwise, so a plain WeakKeyDictionary cannot hold them)
+# compressed weight -> (its version, a weight made from it): made once, remade if values or
+# positions change in place, gone with the values (keyed by identity: tensors compare
+# elementwise, so a plain WeakKeyDictionary cannot hold them)
 _SEMI_STRUCTURED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_DENSE: WeakIdKeyDictionary = WeakIdKeyDictionary()  # the GPU's dense_copy
+
+
+def _cached(cache: WeakIdKeyDictionary, values, positions, tag, make):
+    key = (values._version, positions._version, positions.data_ptr(), tag)
+    hit = cache.get(values)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    w = make()
+    cache[values] = (key, w)
+    return w
 
 
 def _semi_structured_weight(values, positions, n, m, in_features, backend):
     from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
 
-    key = (values._version, positions._version, positions.data_ptr(), backend)
-    hit = _SEMI_STRUCTURED.get(values)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    saved = SparseSemiStructuredTensor._FORCE_CUTLASS
-    SparseSemiStructuredTensor._FORCE_CUTLASS = backend == "cutlass"
-    try:
-        with warnings.catch_warnings():  # "prototype stage" notice, once per weight: not the user's concern
-            warnings.simplefilter("ignore", UserWarning)
-            w = to_sparse_semi_structured(unpack(values, positions, n, m, in_features))
-    finally:
-        SparseSemiStructuredTensor._FORCE_CUTLASS = saved
-    _SEMI_STRUCTURED[values] = (key, w)
-    return w
+    def make():
+        saved = SparseSemiStructuredTensor._FORCE_CUTLASS
+        SparseSemiStructuredTensor._FORCE_CUTLASS = backend == "cutlass"
+        try:
+            with warnings.catch_warnings():  # "prototype stage" notice, once per weight: not the user's concern
+                warnings.simplefilter("ignore", UserWarning)
+                return to_sparse_semi_structured(unpack(values, positions, n, m, in_features))
+        finally:
+            SparseSemiStructuredTensor._FORCE_CUTLASS = saved
 
-
-# compressed weight -> (its version, its masked dense weight): the GPU's dense_copy
-_DENSE: WeakIdKeyDictionary = WeakIdKeyDictionary()
+    return _cached(_SEMI_STRUCTURED, values, positions, backend, make)
 
 
 def dense_weight(values, positions, n: int, m: int, in_features: int) -> torch.Tensor:
     """The unpacked (masked dense) weight, made once per compressed weight and remade if values
     or positions change in place; it goes with the values (a weak key)."""
-    key = (values._version, positions._version, positions.data_ptr())
-    hit = _DENSE.get(values)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    w = unpack(values, positions, n, m, in_features)
-    _DENSE[values] = (key, w)
-    return w
+    return _cached(_DENSE, values, positions, None, lambda: unpack(values, positions, n, m, in_features))
 
 
 def nm_linear_cuda_large(x, values, positions, bias, n, m, threshold, dense_copy=False):
@@ -215,9 +215,8 @@ def nm_linear_cuda_large(x, values, positions, bias, n, m, threshold, dense_copy
                                   _available_semi_structured_backends())
     xs = threshold_reference(x, threshold) if threshold >= 0 else x
     if route is None:
-        if dense_copy:
-            return F.linear(xs, dense_weight(values, positions, n, m, k), bias)
-        return nm_linear_reference(x, values, positions, bias, n, m, threshold)
+        w = dense_weight(values, positions, n, m, k) if dense_copy else unpack(values, positions, n, m, k)
+        return F.linear(xs, w, bias)
     w = _semi_structured_weight(values, positions, n, m, k, route)
     y = F.linear(xs.reshape(-1, k), w, bias)
     return y.reshape(*x.shape[:-1], values.shape[0])

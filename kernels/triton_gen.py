@@ -363,8 +363,7 @@ def sparse_linear_cuda(x, weight_t, bias, threshold, residual=None):
 
     rows = x.numel() // max(x.shape[-1], 1)
     if rows == 0 or rows > MAX_BATCH or x.dtype not in _TL_DTYPE or not available():
-        y = activation.sparse_linear_reference(x, weight_t, bias, threshold)
-        return y if residual is None else y + residual
+        return activation.sparse_linear_reference(x, weight_t, bias, threshold, residual=residual)
     k, n = weight_t.shape
     spec = SiteSpec("sparse_linear", x.dtype, k, n, has_bias=bias is not None, has_residual=residual is not None)
     mod = generate(spec)
@@ -384,9 +383,8 @@ def sparse_cats_mlp_cuda(x, gate_weight, gate_bias, up_weight, up_bias, down_wei
 
     rows = x.numel() // max(x.shape[-1], 1)
     if rows == 0 or rows > MAX_BATCH or x.dtype not in _TL_DTYPE or not available():
-        y = activation.sparse_cats_mlp_reference(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t,
-                                                 down_bias, threshold, activation_name)
-        return y if residual is None else y + residual
+        return activation.sparse_cats_mlp_reference(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t,
+                                                    down_bias, threshold, activation_name, residual)
     inter, hidden = up_weight.shape
     n = down_weight_t.shape[1]
     spec = SiteSpec("sparse_cats_mlp", x.dtype, hidden, n, inter=inter, has_bias=down_bias is not None,
@@ -409,16 +407,15 @@ def nm_linear_cuda(x, values, positions, bias, n, m, threshold, residual=None, d
 
     Decode sizes (<= 16 tokens) run the generated GEMV; larger batches on CUDA go to
     ``nm.nm_linear_cuda_large`` (semi-structured 2:4 where it wins, else dense)."""
-    from . import nm
+    from . import activation, nm
 
     k = x.shape[-1]
     rows = x.numel() // max(k, 1)
     if rows > MAX_BATCH and x.is_cuda:
-        y = nm.nm_linear_cuda_large(x, values, positions, bias, n, m, threshold, dense_copy)
-        return y if residual is None else y + residual
+        return activation.add_residual(nm.nm_linear_cuda_large(x, values, positions, bias, n, m, threshold,
+                                                                dense_copy), residual, "nm_linear")
     if rows == 0 or rows > MAX_BATCH or x.dtype not in _TL_DTYPE or not available():
-        y = nm.nm_linear_reference(x, values, positions, bias, n, m, threshold)
-        return y if residual is None else y + residual
+        return nm.nm_linear_reference(x, values, positions, bias, n, m, threshold, residual=residual)
     out_f, kept = values.shape
     spec = SiteSpec("nm_linear", x.dtype, k, out_f, has_bias=bias is not None, has_residual=residual is not None,
                     nm=(n, m), activation="threshold" if threshold >= 0 else "")

@@ -25,6 +25,7 @@ Example recipe::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
@@ -386,14 +387,12 @@ def _drop_dense_copy(impl: int) -> None:
     """Free the dense copy (kernels/csrc/nm_sparse.cpp) of compressed values being freed (their
     TensorImpl address): the C++ cache holds the values by a weak reference, which cannot
     call back when they die."""
-    try:
+    with contextlib.suppress(Exception):  # at interpreter exit the modules may already be gone
         from sparsec.kernels import cpu
 
         ext = cpu.loaded()  # not loaded: no copy was ever made
         if ext is not None:
             ext.nm_drop_dense_copy(impl)
-    except Exception:  # at interpreter exit the modules may already be gone
-        pass
 
 
 def _constant(ctx: GraphContext, key: str, value: torch.Tensor, like: fx.Node | None = None) -> fx.Node:

@@ -472,9 +472,10 @@ bool dense_copy_wins(at::ScalarType dtype, int64_t rows) {
   return dtype != at::kFloat;  // fp16/fp64: no kernel, the copy saves the unpack per call
 }
 
-// values tensor -> its masked dense weight, made on the first call that needs it and dropped
-// with the values (a weak reference) or remade when values or positions change. Keyed by
-// identity: the compiled graph passes the same constant tensors on every call.
+// values tensor -> its masked dense weight, made on the first call that needs it, remade when
+// values or positions change. Held beside a weak reference to the values: the nm pass drops a
+// copy when its values are freed (nm_drop_dense_copy), and inserting a copy drops those of
+// dead values. Keyed by identity: the compiled graph passes the same constants on every call.
 struct DenseCopy {
   c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> values;
   uint32_t values_version, positions_version;
