@@ -91,7 +91,14 @@ def sparsec_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
 
     result = run_pipeline(ctx, recipe, plan, on_plugin_error=opts.on_plugin_error)
     if not result.modified:
-        _notice("sparsec: no pass matched this graph; compiled as Inductor would")
+        if plan.sites:
+            named = sorted(ctx.params.values())
+            _notice(f"sparsec: none of the plan's {len(plan.sites)} sites (e.g. {next(iter(plan.sites))!r}) is in "
+                    f"this graph, whose weights are named {named[:3] + ['...'] if len(named) > 3 else named}: "
+                    "compiled as Inductor would. A plan names sites relative to the model it was calibrated on; "
+                    "compile that model (or a function calling it).")
+        else:
+            _notice("sparsec: no pass matched this graph; compiled as Inductor would")
         return _dense(gm, example_inputs, opts)
 
     for s in result.sites:

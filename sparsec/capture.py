@@ -24,16 +24,35 @@ __all__ = ["capture_dynamo", "capture_export", "source_to_fqn"]
 _SEG = re.compile(r"\._(?:modules|parameters|buffers)\['([^']*)'\]|\.([A-Za-z_]\w*)|\[(\d+)\]")
 
 
+_ROOT = re.compile(r"^[LG]\[['\"][^'\"]+['\"]\]")
+_PATH_TO_MODEL = re.compile(r"(?:\.[A-Za-z_]\w*|\[\d+\]|\[['\"][^'\"]*['\"]\])*")
+_FIRST_LOOKUP = ("._modules[", "._parameters[", "._buffers[")
+
+
 def source_to_fqn(source: str) -> str | None:
     """``L['self']._modules['mlp']._parameters['weight']`` -> ``mlp.weight``.
 
-    The root (``L['self']``, ``L['args'][0]``, ``L['fn']`` ...) is dropped: plans name sites
-    relative to the model. ``None`` when the source is not an attribute chain of a module.
+    The path to the model is dropped: plans name sites relative to the model, and the model is
+    the object the first ``_modules`` / ``_parameters`` / ``_buffers`` lookup is made on. So a
+    model that is ``self``, an argument (``L['args'][0]``), a closure variable (``L['m']``), a
+    global (``G['model']``: a script's top-level ``model``) or an attribute of one
+    (``G['box'].model``) all give the same names. ``None`` when the source is not an
+    attribute chain of a module.
     """
-    m = re.match(r"^L\[['\"]\w+['\"]\](\[\d+\])?", source)
+    split = _split_source(source)
+    return split[1] if split else None
+
+
+def _split_source(source: str) -> tuple[str, str] | None:
+    """``(path to the model, name in the model)`` of a parameter's dynamo source."""
+    m = _ROOT.match(source)
     if not m:
         return None
     rest = source[m.end():]
+    starts = [i for i in (rest.find(k) for k in _FIRST_LOOKUP) if i >= 0]
+    if not starts or not _PATH_TO_MODEL.fullmatch(rest[: min(starts)]):
+        return None
+    root, rest = source[: m.end() + min(starts)], rest[min(starts):]
     parts, pos = [], 0
     for mm in _SEG.finditer(rest):
         if mm.start() != pos:
@@ -42,7 +61,25 @@ def source_to_fqn(source: str) -> str | None:
         parts.append(next(g for g in mm.groups() if g is not None))
     if pos != len(rest) or not parts:
         return None
-    return ".".join(parts)
+    return root, ".".join(parts)
+
+
+def _relative_module_stacks(gm: fx.GraphModule, roots: set[str]) -> None:
+    """Drop the path to the model from every ``nn_module_stack`` entry (``G['model'].model.layers.0``
+    -> ``model.layers.0``), as ``source_to_fqn`` does for weights, so sites are named the same
+    whatever variable held the model. A fresh dict per node: dynamo's nodes share the old ones."""
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if not stack:
+            continue
+        new = {}
+        for key, (path, *more) in stack.items():
+            for root in sorted(roots, key=len, reverse=True):
+                if path == root or path.startswith(root + "."):
+                    path = path[len(root) + 1:]
+                    break
+            new[key] = (path, *more)
+        node.meta["nn_module_stack"] = new
 
 
 def capture_dynamo(gm: fx.GraphModule, example_inputs) -> GraphContext:
@@ -64,16 +101,19 @@ def capture_dynamo(gm: fx.GraphModule, example_inputs) -> GraphContext:
     new_ph = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
     params: dict[fx.Node, str] = {}
     tensors: dict[str, torch.Tensor] = {}
+    roots: set[str] = set()
     for old, new, real in zip(placeholders, new_ph, example_inputs):
         arg = old.meta.get("grapharg")
         src = arg.source.name if arg is not None and hasattr(arg.source, "name") else None
         src = src() if callable(src) else src
         if not isinstance(real, torch.nn.Parameter) or src is None:
             continue
-        fqn = source_to_fqn(src)
-        if fqn is not None:
-            params[new] = fqn
-            tensors[fqn] = real
+        split = _split_source(src)
+        if split is not None:
+            roots.add(split[0])
+            params[new] = split[1]
+            tensors[split[1]] = real
+    _relative_module_stacks(aten_gm, roots)
     return GraphContext(gm=aten_gm, params=params, origin="dynamo", tensors=tensors)
 
 

@@ -99,6 +99,41 @@ def test_fresh_process_compiles_without_import_sparsec(tmp_path):
     assert "rewritten 2 (4, 8)" in res.stdout
 
 
+_global_model = None  # a script's top-level ``model``: dynamo names its weights G['_global_model']...
+
+
+class _Holder:
+    pass
+
+
+def test_compile_function_using_a_global_or_held_model(tiny, tiny_plan):
+    """The plan names sites relative to the model; a compiled function that reaches the model
+    through a global (or an attribute of one) must find the same sites, not compile densely."""
+    global _global_model
+    _global_model = tiny
+    holder = _Holder()
+    holder.model = tiny
+    ids = torch.randint(0, 256, (1, 11))
+    ref = masked_dense(tiny, tiny_plan, ids)
+    expected = sum(e["sparsity"] > 0 for e in tiny_plan.sites.values())
+    for fn in (lambda x: _global_model(x).logits, lambda x: holder.model(x).logits):
+        torch._dynamo.reset()
+        sparsec.counters.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", sparsec.SparsecNotice)  # "no pass matched" would be a failure
+            with torch.no_grad():
+                out = torch.compile(fn, backend="sparsec", options={"plan": tiny_plan})(ids)
+        assert sparsec.counters["activation_threshold"]["sites_rewritten"] == expected
+        assert float((out - ref).abs().median()) < 1e-4
+
+
+def test_plan_for_another_graph_says_so():
+    m = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Softmax(-1))
+    plan = sparsec.Plan(recipe=sparsec.resolve_recipe("teal-50").to_dict(), sites={"model.layers.0.mlp.up_proj": {"sparsity": 0.5, "threshold": 0.1}})
+    with pytest.warns(sparsec.SparsecNotice, match="none of the plan's 1 sites"), torch.no_grad():
+        torch.compile(m, backend="sparsec", options={"plan": plan})(torch.randn(3, 8))
+
+
 def test_grad_graph_compiles_densely_with_notice():
     m = torch.nn.Linear(8, 8)
     x = torch.randn(3, 8)
