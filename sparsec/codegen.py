@@ -216,9 +216,15 @@ class RefreshingCallable:
     def __init__(self, fn, prepared: list[Prepared]):
         self.fn = fn
         self.prepared = prepared
+        # one flat list compare per call: a decode step calls this once per token, and a
+        # per-weight Python check over SmolLM2's 120 prepared weights cost ~0.1 ms of a 66 ms token
+        self._weights = [w for p in prepared for _, w, _, _, _ in p.sources]
+        self._versions = [w._version for w in self._weights]
 
     def __call__(self, *args):
-        for p in self.prepared:
-            if p.stale():
+        versions = [w._version for w in self._weights]
+        if versions != self._versions:
+            for p in self.prepared:
                 p.refresh_if_stale()
+            self._versions = versions
         return self.fn(*args)

@@ -54,25 +54,37 @@ def test_lowering_uses_prepared_weights_and_matches_reference(tiny, tiny_plan):
 
 
 def test_fullgraph_inductor_and_in_place_weight_change(tiny_plan):
+    import copy
+
     from sparsec.models.llama import tiny_llama
+
+    def mutate(model):  # an optimizer-style in-place update
+        model.model.layers[1].mlp.down_proj.weight.mul_(-2.0)
+        model.model.layers[0].self_attn.q_proj.weight.add_(0.5)
+
+    def reference(model):
+        torch._dynamo.reset()
+        return torch.compile(model, backend="sparsec", options={
+            "plan": tiny_plan, "kernels": "reference", "dense_backend": "eager"})(x).logits
 
     m = tiny_llama(seed=3)
     x = torch.randint(0, 256, (2, 5))
     with torch.no_grad():
+        # references first: a dynamo reset after compiling would recompile the model under test
+        # and hide a stale prepared copy
+        ref = reference(m)
+        changed = copy.deepcopy(m)
+        mutate(changed)
+        ref2 = reference(changed)
+        torch._dynamo.reset()
+        sparsec.counters.clear()
         c = torch.compile(m, backend="sparsec", options={"plan": tiny_plan}, fullgraph=True)
-        out = c(x).logits
-
-        def reference():
-            torch._dynamo.reset()
-            return torch.compile(m, backend="sparsec", options={
-                "plan": tiny_plan, "kernels": "reference", "dense_backend": "eager"})(x).logits
-
-        torch.testing.assert_close(out, reference(), atol=1e-5, rtol=1e-5)
-        # an optimizer-style in-place update: the prepared copy must follow, not go stale
-        m.model.layers[1].mlp.down_proj.weight.mul_(-2.0)
-        m.model.layers[0].self_attn.q_proj.weight.add_(0.5)
-        ref2 = reference()
+        torch.testing.assert_close(c(x).logits, ref, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(ref, ref2, atol=1e-3)  # the update matters
+        mutate(m)
+        # the prepared (transposed) copies must follow the update, without a recompile
         torch.testing.assert_close(c(x).logits, ref2, atol=1e-5, rtol=1e-5)
+        assert sparsec.counters["activation_threshold"]["runs"] == 1
 
 
 def test_cats_lowered_to_fused_kernel(tiny, tiny_batches):
