@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from sparsec.kernels.cpu import empty_huge
+
 from .passbase import GraphContext
 
 __all__ = ["Prepared", "lower", "fuse_residual_adds", "RefreshingCallable"]
@@ -91,7 +93,12 @@ def lower(ctx: GraphContext) -> list[Prepared]:
         key = tuple(f for f, _ in fqns_weights)
         if key not in made:
             attr = f"_sparsec_wt_{len(made)}"
-            buf = torch.cat([w.detach().t() for _, w in fqns_weights], dim=1).contiguous()
+            parts = [w.detach().t() for _, w in fqns_weights]
+            shape = (parts[0].shape[0], sum(p.shape[1] for p in parts))
+            if parts[0].device.type == "cpu":  # scattered row reads: huge pages spare TLB misses
+                buf = torch.cat(parts, dim=1, out=empty_huge(shape, parts[0].dtype))
+            else:
+                buf = torch.cat(parts, dim=1).contiguous()
             sources, c = [], 0
             for f, w in fqns_weights:
                 sources.append((f, w, c, c + w.shape[0], w._version))

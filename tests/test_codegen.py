@@ -187,3 +187,22 @@ def test_residual_fusion_only_where_it_is_exact():
     for got, want in zip(gm(*inputs), expected):
         torch.testing.assert_close(got, want)
     assert sum(n.kwargs.get("residual") is not None for n in gm.graph.nodes) == 1
+
+
+def test_large_prepared_weights_are_huge_page_aligned():
+    """lower() puts prepared weights of 2 MiB and more in huge-page memory (kernels/cpu.py,
+    empty_huge), with the same values as the transposed weight."""
+    from sparsec.kernels.cpu import HUGE_PAGE
+
+    m = torch.nn.Sequential(torch.nn.Linear(1100, 700, bias=False), torch.nn.ReLU(), torch.nn.Linear(700, 5))
+    x = torch.randn(1, 1100)
+    plan = sparsec.Plan(recipe=sparsec.resolve_recipe("teal-50").to_dict(),
+                        sites={"0": {"kind": "teal", "sparsity": 0.5, "threshold": 0.5},
+                               "2": {"kind": "teal", "sparsity": 0.5, "threshold": 0.1}})
+    backend, made = _spy({"plan": plan})
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.compile(m, backend=backend)(x)
+    big = [p for p in made[0].prepared if p.buffer.numel() * 4 >= HUGE_PAGE]
+    assert len(big) == 1 and torch.equal(big[0].buffer, m[0].weight.detach().t())
+    assert big[0].buffer.data_ptr() % HUGE_PAGE == 0

@@ -163,6 +163,38 @@ def test_unprepared_op_refreshes_its_transposed_copy(ext):
                                A.threshold_linear_reference(x, w, None, 0.3), atol=1e-5, rtol=1e-5)
 
 
+def _vm_flags(addr: int) -> set[str]:
+    """The VmFlags of the mapping holding ``addr`` (``/proc/self/smaps``)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and line.startswith("VmFlags:"):
+                return set(line.split()[1:])
+    return set()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="transparent huge pages are a Linux feature")
+def test_prepared_weights_ask_for_huge_pages(monkeypatch):
+    """The kernels' prepared weights (scattered row reads) live in 2 MiB-aligned memory marked
+    MADV_HUGEPAGE ("hg"); small ones and SPARSEC_HUGE_PAGES=0 get plain torch memory."""
+    big = cpu.empty_huge((1000, 1537), torch.float32)  # 6.1 MB: an odd size, not a page multiple
+    assert big.shape == (1000, 1537) and big.dtype == torch.float32 and big.is_contiguous()
+    assert big.data_ptr() % cpu.HUGE_PAGE == 0
+    assert "hg" in _vm_flags(big.data_ptr())
+    big.fill_(3.0)  # writable, every byte in range
+    assert float(big.sum()) == 3.0 * 1000 * 1537
+    w = torch.randn(2500, 1001)
+    wt = A.transposed(w)
+    assert torch.equal(wt, w.t()) and wt.data_ptr() % cpu.HUGE_PAGE == 0
+    assert "hg" not in _vm_flags(cpu.empty_huge((10, 3), torch.bfloat16).data_ptr())
+    monkeypatch.setenv("SPARSEC_HUGE_PAGES", "0")
+    assert "hg" not in _vm_flags(cpu.empty_huge((1000, 1537), torch.float32).data_ptr())
+
+
 def test_cache_key_changes_with_isa_and_flags(monkeypatch):
     k512, f512 = cpu._key("avx512")
     k2, f2 = cpu._key("avx2")
