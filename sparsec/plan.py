@@ -37,6 +37,15 @@ class Plan:
         """The entry for a matched site; a clear error if the plan was made for another model."""
         e = self.sites.get(site.key)
         if e is None:
+            parts = site.key.split(".")
+            for i in range(1, len(parts)):  # calibrated on a submodule of what is compiled?
+                if ".".join(parts[i:]) in self.sites:
+                    inner = ".".join(parts[:i])
+                    raise PlanError(
+                        f"the plan has no site {site.key!r} but has {'.'.join(parts[i:])!r}: it was calibrated "
+                        f"on the module that is {inner!r} here. Calibrate a plan on the module you compile, or "
+                        "compile the one the plan was made for."
+                    )
             known = ", ".join(list(self.sites)[:4])
             raise PlanError(
                 f"the plan has no site {site.key!r} ({site.kind}, pass {site.pass_name!r}); it was made for "

@@ -24,10 +24,23 @@ def test_plan_round_trip(tmp_path, tiny, tiny_plan):
     torch.testing.assert_close(out, masked_dense(tiny, tiny_plan, ids), atol=1e-5, rtol=1e-5)
 
 
+class _Logits(torch.nn.Module):
+    def __init__(self, holder):
+        super().__init__()
+        self.holder = holder
+
+    def forward(self, ids):
+        return self.holder["inner"](ids).logits
+
+
 def test_plan_for_other_model_is_rejected(tiny_plan):
     narrow = tiny_llama(hidden_size=48)
     with pytest.raises(PlanError, match=r"site 'model.layers.0.self_attn.q_proj': weight has shape \[48, 48\] in this model but \[64, 64\] in the plan"):
         sparsec.export(narrow, (torch.randint(0, 256, (1, 5)),), plan=tiny_plan)
+    wrapper = torch.nn.ModuleDict({"inner": tiny_llama()})  # the plan's model, one level down
+    with pytest.raises(PlanError, match=r"has 'model.layers.0.self_attn.q_proj': it was calibrated on the module "
+                                        r"that is 'holder.inner' here"):
+        sparsec.export(_Logits(wrapper), (torch.randint(0, 256, (1, 5)),), plan=tiny_plan)
     deeper = tiny_llama(num_hidden_layers=3)
     with pytest.raises(Exception, match=r"the plan has no site 'model.layers.2.self_attn.q_proj'"):
         with torch.no_grad():
