@@ -23,6 +23,7 @@ import ctypes
 import hashlib
 import importlib.util
 import logging
+import math
 import mmap
 import os
 import platform
@@ -169,10 +170,7 @@ def empty_huge(shape, dtype: torch.dtype) -> torch.Tensor:
     or ``madvise`` mode; elsewhere, or below 2 MiB, or with ``SPARSEC_HUGE_PAGES=0``, a plain
     ``torch.empty``). The tensor keeps the mapping alive and frees it when it dies.
     """
-    numel = 1
-    for d in shape:
-        numel *= int(d)
-    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(int(d) for d in shape) * dtype.itemsize
     if (nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE") or sys.platform != "linux"
             or os.environ.get("SPARSEC_HUGE_PAGES", "1") == "0"):
         return torch.empty(shape, dtype=dtype)

@@ -98,7 +98,7 @@ def lower(ctx: GraphContext) -> list[Prepared]:
             if parts[0].device.type == "cpu":  # scattered row reads: huge pages spare TLB misses
                 buf = torch.cat(parts, dim=1, out=empty_huge(shape, parts[0].dtype))
             else:
-                buf = torch.cat(parts, dim=1).contiguous()
+                buf = torch.cat(parts, dim=1)
             sources, c = [], 0
             for f, w in fqns_weights:
                 sources.append((f, w, c, c + w.shape[0], w._version))
