@@ -141,7 +141,8 @@ inline void prefetch_ahead(const T* const* cur, const T* const* next, int64_t j,
 // / this one (1 thread, cold, fp32, s = 0.5 / 0.7 / 0.9, 41 interleaved samples, 2-3 runs):
 // 4096x4096 1.06-1.15 / 1.07-1.09 / 1.05-1.10x, 4096x11008 1.09-1.20 / 1.07-1.21 / 1.18-1.21x,
 // 11008x4096 1.05 / 1.07 / 1.09x, 576x1536 1.04-1.07 / 1.17-1.20 / 1.22-1.26x, 3072x576
-// 0.97 / 1.02 / 1.13x, 960x576 1.05 / 1.41 / 1.21x.
+// 0.97 / 1.02 / 1.13x, 960x576 1.05 / 1.41 / 1.21x. bf16 was mixed (4096x4096 0.92 / 0.99 /
+// 0.82x, 11008x4096 1.12 / 1.18 / 1.23x, one run each), so bf16 keeps the 4-row pass.
 constexpr int ROWS1 = 8;
 
 template <typename T>
@@ -300,7 +301,7 @@ void accumulate_rows(const T* wt, int64_t N, const std::vector<int64_t>& rows, c
       for (int64_t b = 0; b < B; ++b)
         for (int64_t j = 0; j < n; ++j) acc[b * TILE_N + j] = bias ? to_f(bias[n0 + j]) : 0.f;
 #if defined(SPARSEC_AVX512)
-      if (B == 1) {
+      if (B == 1 && sizeof(T) == 4) {
         for (int64_t i = 0; i < nact; i += ROWS1) {
           const T* w[ROWS1];
           const T* nx[ROWS1];
