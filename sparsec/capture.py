@@ -49,10 +49,10 @@ def _split_source(source: str) -> tuple[str, str] | None:
     if not m:
         return None
     rest = source[m.end():]
-    starts = [i for i in (rest.find(k) for k in _FIRST_LOOKUP) if i >= 0]
-    if not starts or not _PATH_TO_MODEL.fullmatch(rest[: min(starts)]):
+    first = min((i for i in (rest.find(k) for k in _FIRST_LOOKUP) if i >= 0), default=-1)
+    if first < 0 or not _PATH_TO_MODEL.fullmatch(rest[:first]):
         return None
-    root, rest = source[: m.end() + min(starts)], rest[min(starts):]
+    root, rest = source[: m.end() + first], rest[first:]
     parts, pos = [], 0
     for mm in _SEG.finditer(rest):
         if mm.start() != pos:
@@ -68,13 +68,14 @@ def _relative_module_stacks(gm: fx.GraphModule, roots: set[str]) -> None:
     """Drop the path to the model from every ``nn_module_stack`` entry (``G['model'].model.layers.0``
     -> ``model.layers.0``), as ``source_to_fqn`` does for weights, so sites are named the same
     whatever variable held the model. A fresh dict per node: dynamo's nodes share the old ones."""
+    longest_first = sorted(roots, key=len, reverse=True)
     for node in gm.graph.nodes:
         stack = node.meta.get("nn_module_stack")
         if not stack:
             continue
         new = {}
         for key, (path, *more) in stack.items():
-            for root in sorted(roots, key=len, reverse=True):
+            for root in longest_first:
                 if path == root or path.startswith(root + "."):
                     path = path[len(root) + 1:]
                     break

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 import warnings
 
 import pytest
@@ -102,17 +103,12 @@ def test_fresh_process_compiles_without_import_sparsec(tmp_path):
 _global_model = None  # a script's top-level ``model``: dynamo names its weights G['_global_model']...
 
 
-class _Holder:
-    pass
-
-
 def test_compile_function_using_a_global_or_held_model(tiny, tiny_plan):
     """The plan names sites relative to the model; a compiled function that reaches the model
     through a global (or an attribute of one) must find the same sites, not compile densely."""
     global _global_model
     _global_model = tiny
-    holder = _Holder()
-    holder.model = tiny
+    holder = types.SimpleNamespace(model=tiny)
     ids = torch.randint(0, 256, (1, 11))
     ref = masked_dense(tiny, tiny_plan, ids)
     expected = sum(e["sparsity"] > 0 for e in tiny_plan.sites.values())
