@@ -36,11 +36,13 @@ from pathlib import Path
 
 import torch
 
+from . import activation, nm  # noqa: F401  (define the opaque ops the triton_op twins fall back to)
+
 # Triton 3.9 warns on every import until this is set; 1 keeps its (and CUDA's) default.
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 __all__ = ["SiteSpec", "generate", "sparse_linear_cuda", "sparse_cats_mlp_cuda", "aot_compile", "CONFIGS",
-           "available"]
+           "available", "use_triton_ops", "TRITON_TWINS"]
 
 MAX_BATCH = 16
 
@@ -332,6 +334,13 @@ def prepare_site(twin: str, node, weight_t: torch.Tensor) -> None:
     generate(spec)
 
 
+def _launch(kernel):
+    """``wrap_triton(kernel)``: launches it directly when called eagerly; inside the
+    ``triton_op`` twins below, traced by Inductor / torch.export as a user-defined Triton kernel
+    (the ``triton_kernel_wrapper_functional`` node) instead of an opaque call."""
+    return torch.library.wrap_triton(kernel)
+
+
 def _grid_gemv(b, k, n):
     return lambda meta: (triton_cdiv(n, meta["BLOCK_N"]), triton_cdiv(k, meta["BLOCK_K"]))
 
@@ -344,7 +353,7 @@ def _gemv(mod, x2, wt, t):
     b, k = x2.shape
     n = wt.shape[1]
     acc = torch.zeros((b, n), dtype=torch.float32, device=x2.device)
-    mod.sparse_gemv[_grid_gemv(b, k, n)](x2, wt, acc, b, float(t), x2.stride(0), BLOCK_B=MAX_BATCH)
+    _launch(mod.sparse_gemv)[_grid_gemv(b, k, n)](x2, wt, acc, b, float(t), x2.stride(0), BLOCK_B=MAX_BATCH)
     return acc
 
 
@@ -352,7 +361,7 @@ def _epilogue(mod, acc, bias, residual, dtype):
     y = torch.empty(acc.shape, dtype=dtype, device=acc.device)
     total = acc.numel()
     block = 1024
-    mod.epilogue[(triton_cdiv(total, block),)](acc, bias if bias is not None else acc,
+    _launch(mod.epilogue)[(triton_cdiv(total, block),)](acc, bias if bias is not None else acc,
                                               residual if residual is not None else acc, y, total, BLOCK=block)
     return y
 
@@ -394,7 +403,7 @@ def sparse_cats_mlp_cuda(x, gate_weight, gate_bias, up_weight, up_bias, down_wei
     g = F.linear(x2, gate_weight, gate_bias).contiguous()  # the gate is dense (cuBLAS)
     h = torch.empty((x2.shape[0], inter), dtype=x.dtype, device=x.device)
     grid = lambda meta: (triton_cdiv(inter, meta["BLOCK_J"]),)  # noqa: E731
-    mod.cats_up[grid](x2, g, up_weight.contiguous(), up_bias if up_bias is not None else g, h, x2.shape[0],
+    _launch(mod.cats_up)[grid](x2, g, up_weight.contiguous(), up_bias if up_bias is not None else g, h, x2.shape[0],
                       float(threshold), x2.stride(0), g.stride(0), BLOCK_B=MAX_BATCH)
     acc = _gemv(mod, h, down_weight_t.contiguous(), 0.0)
     res = residual.reshape(-1, n).contiguous() if residual is not None else None
@@ -423,11 +432,85 @@ def nm_linear_cuda(x, values, positions, bias, n, m, threshold, residual=None, d
     x2 = x.reshape(-1, k).contiguous()
     acc = torch.zeros((x2.shape[0], out_f), dtype=torch.float32, device=x.device)
     grid = lambda meta: (triton_cdiv(out_f, meta["BLOCK_O"]), triton_cdiv(kept, meta["BLOCK_V"]))  # noqa: E731
-    mod.nm_gemv[grid](x2, values.contiguous(), positions.contiguous(), acc, x2.shape[0], float(threshold),
+    _launch(mod.nm_gemv)[grid](x2, values.contiguous(), positions.contiguous(), acc, x2.shape[0], float(threshold),
                       x2.stride(0))
     res = residual.reshape(-1, out_f).contiguous() if residual is not None else None
     y = _epilogue(mod, acc, bias.contiguous() if bias is not None else None, res, x.dtype)
     return y.reshape(*x.shape[:-1], out_f)
+
+
+# ---- the same as triton_op: kernels Inductor and torch.export can see ----------------------
+#
+# ``sparsec.codegen.lower`` swaps the prepared ops of CUDA sites for these twins
+# (``use_triton_ops``). Inductor decomposes a ``triton_op`` into its body, so each generated
+# kernel becomes a user-defined Triton kernel in Inductor's own code (scheduled with the dense
+# remainder, no Python op call in between; AOTInductor can package it). Never used for CPU
+# tensors: tracing a Triton body needs a GPU driver (shared/ALGORITHMS.md, "verified here").
+# Above the GEMV's batch the body calls the opaque op, whose CUDA kernel picks the dense or
+# semi-structured path as before.
+
+TRITON_TWINS = {
+    "sparse_linear": "triton_sparse_linear",
+    "sparse_cats_mlp": "triton_sparse_cats_mlp",
+    "nm_linear": "triton_nm_linear",
+}
+
+
+def _gemv_rows(x: torch.Tensor) -> bool:
+    rows = x.numel() // max(x.shape[-1], 1)
+    return 0 < rows <= MAX_BATCH and x.dtype in _TL_DTYPE
+
+
+@torch.library.triton_op("sparsec::triton_sparse_linear", mutates_args=())
+def triton_sparse_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, threshold: float,
+                         weight: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``sparsec::sparse_linear`` with its generated Triton kernels visible to the compiler."""
+    if not _gemv_rows(x):
+        return torch.ops.sparsec.sparse_linear.default(x, weight_t, bias, threshold, weight, residual)
+    return sparse_linear_cuda(x, weight_t, bias, threshold, residual=residual)
+
+
+@torch.library.triton_op("sparsec::triton_sparse_cats_mlp", mutates_args=())
+def triton_sparse_cats_mlp(x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor | None,
+                           up_weight: torch.Tensor, up_bias: torch.Tensor | None, down_weight_t: torch.Tensor,
+                           down_bias: torch.Tensor | None, threshold: float, activation: str,
+                           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``sparsec::sparse_cats_mlp`` with its generated Triton kernels visible to the compiler."""
+    if not _gemv_rows(x) or activation not in _ACT:
+        return torch.ops.sparsec.sparse_cats_mlp.default(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t,
+                                                         down_bias, threshold, activation, residual)
+    return sparse_cats_mlp_cuda(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold,
+                                activation, residual=residual)
+
+
+@torch.library.triton_op("sparsec::triton_nm_linear", mutates_args=())
+def triton_nm_linear(x: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, bias: torch.Tensor | None,
+                     n: int, m: int, threshold: float, dense_copy: bool = False,
+                     residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``sparsec::nm_linear`` with its generated Triton GEMV visible to the compiler."""
+    if not _gemv_rows(x):
+        return torch.ops.sparsec.nm_linear.default(x, values, positions, bias, n, m, threshold, dense_copy, residual)
+    return nm_linear_cuda(x, values, positions, bias, n, m, threshold, residual=residual)
+
+
+def use_triton_ops(gm: torch.fx.GraphModule) -> int:
+    """Swap each prepared op whose output is on a CUDA device for its ``triton_op`` twin;
+    returns how many. CPU nodes keep the C++ kernels."""
+    swapped = 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = getattr(node.target, "_schema", None)
+        twin = TRITON_TWINS.get(name.name.split("::")[-1]) if name is not None and name.name.startswith("sparsec::") \
+            else None
+        val = node.meta.get("val")
+        if twin is None or not isinstance(val, torch.Tensor) or val.device.type != "cuda":
+            continue
+        node.target = getattr(torch.ops.sparsec, twin).default
+        swapped += 1
+    if swapped:
+        gm.recompile()
+    return swapped
 
 
 # ---- ahead-of-time compilation (CI checks every kernel for real GPUs without one) ---------

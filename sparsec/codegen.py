@@ -7,7 +7,10 @@ compiled graph module, and the op is swapped for its prepared twin
 (``sparsec::sparse_linear``, ``sparsec::sparse_cats_mlp``). Those dispatch on device: C++ on
 CPU tensors, generated Triton on CUDA tensors (``sparsec.kernels.triton_gen``), with the
 plain-torch reference as the fallback. Then ``fuse_residual_adds`` folds each residual add
-that consumes one of those ops into the op's epilogue (``residual=``).
+that consumes one of those ops into the op's epilogue (``residual=``). Where a GPU is
+present, the ops of CUDA sites become their ``torch.library.triton_op`` twins
+(``triton_gen.use_triton_ops``), so Inductor inlines the generated Triton kernels into its own
+code; CPU sites never do (tracing a Triton body needs a GPU driver).
 
 Prepared weights are copies (about 0.8x the model's linear weights, more memory). The
 compiled callable checks the weights' version counters on every call and re-copies a weight
@@ -167,6 +170,11 @@ def lower(ctx: GraphContext) -> list[Prepared]:
 
             triton_gen.prepare_site("sparse_linear", fused, prep.buffer)
     fuse_residual_adds(gm)
+    if torch.cuda.is_available():
+        from sparsec.kernels import triton_gen
+
+        if triton_gen.available():
+            triton_gen.use_triton_ops(gm)  # CUDA sites: kernels Inductor sees (triton_op)
     graph.lint()
     gm.recompile()
     return [p for _, p in made.values()]

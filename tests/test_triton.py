@@ -161,3 +161,114 @@ def test_aot_cubin(tmp_path):
             assert len(o["kernels"]["sparse_gemv"]) == len(tg.CONFIGS[arch])
         for kname, heads in o["kernels"].items():
             assert heads and all(h == "7f454c46" for h in heads), (o["name"], kname)  # ELF cubins
+
+
+# ---- the triton_op twins: what Inductor and torch.export see on a GPU ------------------------
+
+
+def test_triton_op_twins_run_eagerly(interpret):
+    """Each twin computes what its opaque op does: the Triton GEMV up to 16 rows, the opaque
+    op's path (here the CPU kernel) above -- so swapping one for the other changes no result."""
+    from sparsec.kernels import nm
+
+    g = torch.Generator().manual_seed(5)
+    wt, b = torch.randn(61, 43, generator=g) / 8, torch.randn(43, generator=g)
+    for rows in (3, 17):
+        x, res = torch.randn(rows, 61, generator=g), torch.randn(rows, 43, generator=g)
+        got = torch.ops.sparsec.triton_sparse_linear(x, wt, b, 0.4, None, res)
+        _close(got, A.sparse_linear_reference(x, wt, b, 0.4) + res, torch.float32, 2)
+    wg, wu = torch.randn(90, 61, generator=g) / 8, torch.randn(90, 61, generator=g) / 8
+    wdt = torch.randn(90, 43, generator=g) / 9
+    x = torch.randn(2, 61, generator=g)
+    got = torch.ops.sparsec.triton_sparse_cats_mlp(x, wg, None, wu, None, wdt, b, 0.2, "silu")
+    _close(got, A.sparse_cats_mlp_reference(x, wg, None, wu, None, wdt, b, 0.2, "silu"), torch.float32, 4)
+    w = torch.randn(43, 64, generator=g) / 8
+    v, p = nm.pack(w, nm.nm_mask(w.abs(), 2, 4), 2, 4)
+    x = torch.randn(3, 64, generator=g)
+    _close(torch.ops.sparsec.triton_nm_linear(x, v, p, b, 2, 4, -1.0), nm.nm_linear_reference(x, v, p, b, 2, 4, -1.0),
+           torch.float32)
+
+
+def test_use_triton_ops_swaps_only_cuda_sites():
+    """codegen.lower calls this when a GPU is present: the prepared ops of CUDA nodes become
+    their triton_op twins, CPU nodes keep the opaque op (and with it the C++ kernel)."""
+    import torch.fx as fx
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    graph = fx.Graph()
+    outs = []
+    with FakeTensorMode():
+        for dev in ("cpu", "cuda"):
+            x, wt = graph.placeholder(f"x_{dev}"), graph.placeholder(f"wt_{dev}")
+            node = graph.call_function(torch.ops.sparsec.sparse_linear.default, (x, wt, None, 0.5))
+            node.meta["val"] = torch.empty(2, 7, device=dev)
+            outs.append(node)
+        other = graph.call_function(torch.ops.aten.relu.default, (outs[1],))
+        other.meta["val"] = torch.empty(2, 7, device="cuda")
+    graph.output(tuple(outs) + (other,))
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    assert tg.use_triton_ops(gm) == 1
+    assert outs[0].target is torch.ops.sparsec.sparse_linear.default
+    assert outs[1].target is torch.ops.sparsec.triton_sparse_linear.default
+    assert other.target is torch.ops.aten.relu.default
+    assert "triton_sparse_linear" in gm.code
+
+
+_DECOMPOSE = """
+import json, torch, triton
+from triton.backends.compiler import GPUTarget
+from sparsec.kernels import nm, triton_gen as tg
+
+class SM90:  # what Inductor asks the driver while it analyses a kernel (no GPU needed)
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+    def is_active(self):
+        return True
+triton.runtime.driver.set_active(SM90())
+
+class M(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.wt, self.b = torch.randn(61, 43, generator=g), torch.randn(43, generator=g)
+        self.wg, self.wu = torch.randn(90, 43, generator=g), torch.randn(90, 43, generator=g)
+        self.wdt = torch.randn(90, 43, generator=g)
+        w = torch.randn(43, 64, generator=g)
+        self.v, self.p = nm.pack(w, nm.nm_mask(w.abs(), 2, 4), 2, 4)
+    def forward(self, x, r, x2):
+        y = torch.ops.sparsec.triton_sparse_linear(x, self.wt, self.b, 0.4, None, r)
+        y = torch.ops.sparsec.triton_sparse_cats_mlp(y, self.wg, None, self.wu, None, self.wdt, None, 0.1, "silu")
+        return torch.ops.sparsec.triton_nm_linear(x2, self.v, self.p, None, 2, 4, 0.3) + y
+
+ep = torch.export.export(M(), (torch.randn(3, 61), torch.randn(3, 43), torch.randn(3, 64)))
+opaque = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+dec = ep.run_decompositions(decompose_custom_triton_ops=True)
+kernels = []
+for n in dec.graph.nodes:
+    if n.op == "call_function" and "triton_kernel_wrapper" in str(n.target):
+        k = kernel_side_table.get_kernel(n.kwargs["kernel_idx"])
+        kernels.append([getattr(k, "fn", k).__name__, sorted(n.kwargs.get("tensors_to_clone", []))])
+print(json.dumps({"opaque": opaque, "kernels": kernels}))
+"""
+
+
+def test_triton_ops_decompose_into_kernels(tmp_path):
+    """What Inductor does with a triton_op on a GPU, done on CPU: export keeps the twins as
+    ops; decomposing them (Inductor always does) yields one user-defined-kernel node per
+    launch, with Triton's own analysis of which arguments each kernel writes. Triton only
+    needs a target here (sm_90), not a device; in a fresh process without TRITON_INTERPRET
+    (the interpreter's kernels cannot be traced)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["SPARSEC_CACHE"] = str(tmp_path)
+    p = subprocess.run([sys.executable, "-c", _DECOMPOSE], env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    twins = [o for o in out["opaque"] if o.startswith("sparsec.")]
+    assert twins == ["sparsec.triton_sparse_linear.default", "sparsec.triton_sparse_cats_mlp.default",
+                     "sparsec.triton_nm_linear.default"]
+    assert out["kernels"] == [
+        ["sparse_gemv", ["ACC"]], ["epilogue", ["Y"]],  # linear: GEMV into the fp32 accumulator, epilogue
+        ["cats_up", ["HOUT"]], ["sparse_gemv", ["ACC"]], ["epilogue", ["Y"]],  # CATS: up stage, down GEMV
+        ["nm_gemv", ["ACC"]], ["epilogue", ["Y"]],
+    ]
