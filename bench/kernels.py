@@ -36,11 +36,13 @@ COLD_BYTES = 640 << 20
 
 
 def copies(w: torch.Tensor, transpose: bool) -> list[torch.Tensor]:
+    """Distinct copies of ``w`` (``transpose``: of ``W^T``, the kernel's prepared layout, in
+    huge-page memory as ``sparsec.codegen.lower`` allocates it for a compiled model)."""
     n = max(2, -(-COLD_BYTES // (w.numel() * w.element_size())))
     src = w.t().contiguous() if transpose else w
     out = []
     for _ in range(n):
-        c = torch.empty_like(src)
+        c = cpu.empty_huge(tuple(src.shape), src.dtype) if transpose else torch.empty_like(src)
         c.copy_(src)  # distinct storage per copy
         out.append(c)
     return out
