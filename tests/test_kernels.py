@@ -73,7 +73,9 @@ def test_multi_token_kernel_path_with_shared_inactive_inputs(ext, dtype, batch):
 def test_dense_fallback_thresholds_exactly(ext, dtype, batch):
     """Above the break-even union density the kernel thresholds the tokens (vectorised, 16
     inputs at a time plus a masked tail) and runs the library GEMM: the reference's result,
-    with |x| == t dropped, NaN and +-inf kept (outputs 0 and 1 read one input each, exactly)."""
+    with |x| == t dropped, NaN and +-inf kept (outputs 0 and 1 read one input each, exactly).
+    (bf16 with AMX takes that path here; fp32 only on builds without AVX-512 -- with it, the
+    kernel beats the GEMM at any density and must give the same result.)"""
     g = torch.Generator().manual_seed(batch)
     k, n = 1001, 67
     x = torch.randn(batch, k, generator=g).to(dtype)

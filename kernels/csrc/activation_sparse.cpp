@@ -444,7 +444,12 @@ void check2d(const torch::Tensor& t, const char* name) {
 // Union density of active inputs above which a dense GEMM beats the kernel (>= 1: never).
 // Measured here (1 thread, cold weights, bench/kernels.py and a full-density sweep; the
 // kernel's time is about proportional to the density it reads):
-//  - fp32: MKL's GEMM, batch 16 at s_read ~0: kernel 0.91-0.94x of it; s_read 0.19: 1.7x.
+//  - fp32 with AVX-512: never. MKL's GEMM at batch 8-16 (1 thread) streams 3-4 GB/s (28
+//    GFLOP/s); the kernel at full density took 0.34-0.6x its time (batch 16: 4096x11008 33.2
+//    vs 55.4 ms, 11008x4096 30.2 vs 56.6, 4096^2 11.2 vs 20.0; batch 8: 20.5 vs 53.9, 29.7 vs
+//    50.4, 7.5 vs 21.8; 2 threads, batch 16: 23.1 vs 27.8 and 18.3 vs 29.6 ms). An earlier
+//    measurement (kernel 0.91-0.94x of MKL at batch 16) had set a 0.9 limit, which made
+//    batches 8-16 at density > 0.9 run at MKL's speed. Without AVX-512 the 0.9 limit stays.
 //  - bf16 on a CPU with AMX: oneDNN's GEMM runs 10-12 ms on 4096x11008 from batch 2 on (the
 //    kernel: 10.0 at batch 4, 13.7-17.8 at 8, 20 at 12, 24-27 at 16), but 20 ms at batch 1
 //    (no AMX path for a GEMV): break-even about 1.0 at batch 2-4, 0.62-0.8 at 8, 0.52-0.64
@@ -513,7 +518,12 @@ inline double dense_density_limit(at::ScalarType dtype, int64_t B) {
     if (B <= 12) return 0.55;
     return 0.45;
   }
+#if defined(SPARSEC_AVX512)
+  (void)B;
+  return 2.0;
+#else
   return B >= 8 ? 0.9 : 2.0;
+#endif
 }
 
 torch::Tensor sparse_linear(torch::Tensor x, torch::Tensor wt, c10::optional<torch::Tensor> bias, double thr,
