@@ -362,7 +362,8 @@ def _epilogue(mod, acc, bias, residual, dtype):
     total = acc.numel()
     block = 1024
     _launch(mod.epilogue)[(triton_cdiv(total, block),)](acc, bias if bias is not None else acc,
-                                              residual if residual is not None else acc, y, total, BLOCK=block)
+                                                        residual if residual is not None else acc, y, total,
+                                                        BLOCK=block)
     return y
 
 
@@ -404,7 +405,7 @@ def sparse_cats_mlp_cuda(x, gate_weight, gate_bias, up_weight, up_bias, down_wei
     h = torch.empty((x2.shape[0], inter), dtype=x.dtype, device=x.device)
     grid = lambda meta: (triton_cdiv(inter, meta["BLOCK_J"]),)  # noqa: E731
     _launch(mod.cats_up)[grid](x2, g, up_weight.contiguous(), up_bias if up_bias is not None else g, h, x2.shape[0],
-                      float(threshold), x2.stride(0), g.stride(0), BLOCK_B=MAX_BATCH)
+                               float(threshold), x2.stride(0), g.stride(0), BLOCK_B=MAX_BATCH)
     acc = _gemv(mod, h, down_weight_t.contiguous(), 0.0)
     res = residual.reshape(-1, n).contiguous() if residual is not None else None
     y = _epilogue(mod, acc, down_bias, res, x.dtype)
@@ -433,13 +434,13 @@ def nm_linear_cuda(x, values, positions, bias, n, m, threshold, residual=None, d
     acc = torch.zeros((x2.shape[0], out_f), dtype=torch.float32, device=x.device)
     grid = lambda meta: (triton_cdiv(out_f, meta["BLOCK_O"]), triton_cdiv(kept, meta["BLOCK_V"]))  # noqa: E731
     _launch(mod.nm_gemv)[grid](x2, values.contiguous(), positions.contiguous(), acc, x2.shape[0], float(threshold),
-                      x2.stride(0))
+                               x2.stride(0))
     res = residual.reshape(-1, out_f).contiguous() if residual is not None else None
     y = _epilogue(mod, acc, bias.contiguous() if bias is not None else None, res, x.dtype)
     return y.reshape(*x.shape[:-1], out_f)
 
 
-# ---- the same as triton_op: kernels Inductor and torch.export can see ----------------------
+# ---- the prepared ops as triton_op: kernels Inductor and torch.export can see -------------
 #
 # ``sparsec.codegen.lower`` swaps the prepared ops of CUDA sites for these twins
 # (``use_triton_ops``). Inductor decomposes a ``triton_op`` into its body, so each generated
@@ -500,9 +501,9 @@ def use_triton_ops(gm: torch.fx.GraphModule) -> int:
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
-        name = getattr(node.target, "_schema", None)
-        twin = TRITON_TWINS.get(name.name.split("::")[-1]) if name is not None and name.name.startswith("sparsec::") \
-            else None
+        schema = getattr(node.target, "_schema", None)
+        op = schema.name.removeprefix("sparsec::") if schema is not None and schema.name.startswith("sparsec::") else ""
+        twin = TRITON_TWINS.get(op)
         val = node.meta.get("val")
         if twin is None or not isinstance(val, torch.Tensor) or val.device.type != "cuda":
             continue
