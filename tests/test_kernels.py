@@ -137,6 +137,29 @@ def test_cats_mlp_matches_reference(ext, dtype, act, batch):
             _close(got, ref, dtype, scale=4.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_cats_mlp_edges(ext, dtype, batch):
+    """Sparsity 0 (every channel active: the dense MLP), sparsity 1 (nothing read: the down
+    bias), and NaN / inf activations kept active and propagated as in the reference. The scan
+    is the vectorised one (16 channels per compare, a masked tail: i = 37)."""
+    g = torch.Generator().manual_seed(batch)
+    h, i, o = 33, 37, 19
+    x = torch.randn(batch, h, generator=g).to(dtype)
+    wg, wu = [(torch.randn(i, h, generator=g) / h**0.5).to(dtype) for _ in range(2)]
+    wd = (torch.randn(o, i, generator=g) / i**0.5).to(dtype)
+    bd = torch.randn(o, generator=g).to(dtype)
+    args = (wg, None, wu, None, wd.t().contiguous(), bd)
+    for t in (-1.0, 0.0, 0.3):
+        _close(A._cats_cpu(x, *args, t, "silu"), A.cats_mlp_reference(x, wg, None, wu, None, wd, bd, t, "silu"),
+               dtype, scale=4.0)
+    assert torch.equal(A._cats_cpu(x, *args, float("inf"), "silu"), bd.expand(batch, o))
+    x[0, 5] = float("nan")  # every gate and up product of token 0 is NaN: all of its channels active
+    got, ref = A._cats_cpu(x, *args, 0.3, "silu"), A.cats_mlp_reference(x, wg, None, wu, None, wd, bd, 0.3, "silu")
+    assert torch.isnan(got[0]).all() and torch.equal(torch.isnan(got), torch.isnan(ref))
+    _close(got[1:], ref[1:], dtype, scale=4.0)
+
+
 def test_ops_dispatch_and_prefill_path(ext):
     """3-D inputs, >16 rows (prefill: the dense GEMM path) and opcheck on the prepared ops."""
     x = torch.randn(2, 20, 64)

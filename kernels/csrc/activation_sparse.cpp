@@ -409,12 +409,12 @@ void sparse_linear_impl(const T* x, int64_t B, int64_t K, const T* wt, int64_t N
 template <typename T>
 void cats_impl(const T* x, const T* a, int64_t B, int64_t H, int64_t I, const T* wup, const T* bup, const T* wdt,
                int64_t O, const T* bdown, float thr, T* y) {
+  // the intermediate channels active in any row: the vectorised scan of sparse_linear (its
+  // coefficients, the activations, go unused: the loop below re-reads a to keep a == 0 with a
+  // negative threshold active, as in the reference)
   std::vector<int64_t> rows;
-  for (int64_t j = 0; j < I; ++j) {
-    bool any = false;
-    for (int64_t b = 0; b < B; ++b) any |= active(to_f(a[b * I + j]), thr);
-    if (any) rows.push_back(j);
-  }
+  std::vector<float> unused;
+  active_rows(a, B, I, thr, rows, unused);
   const int64_t nact = static_cast<int64_t>(rows.size());
   std::vector<float> xf(static_cast<size_t>(B * H));
   for (int64_t i = 0; i < B * H; ++i) xf[i] = to_f(x[i]);
