@@ -318,7 +318,25 @@ def generate(spec: SiteSpec, arch=None):
     mod = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(mod)
     _MODULES[key] = mod
+    if arch != "interpret":
+        _declare_kernels(spec, mod)
     return mod
+
+
+def _declare_kernels(spec: SiteSpec, mod) -> None:
+    """Tell torch which Triton kernels the ``triton_op`` twin of ``spec.op`` launches.
+
+    ``triton_op`` finds a body's kernels by reading its source, and ours are generated per
+    site, so it finds none. AOTAutograd's compile cache hashes these kernels' sources into its
+    key (``torch._library.triton.get_triton_kernels_for_op``): without them, a cached graph
+    would outlive a change to the templates and launch the old kernels."""
+    from torch._library import triton as torch_triton
+
+    kernels = torch_triton.triton_ops_to_kernels.setdefault(f"sparsec::{TRITON_TWINS[spec.op]}", [])
+    for name in ("cats_up", "sparse_gemv", "nm_gemv", "epilogue"):
+        k = getattr(mod, name, None)
+        if k is not None and all(k is not other for other in kernels):
+            kernels.append(k)
 
 
 def prepare_site(twin: str, node, weight_t: torch.Tensor) -> None:

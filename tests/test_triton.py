@@ -249,7 +249,15 @@ for n in dec.graph.nodes:
     if n.op == "call_function" and "triton_kernel_wrapper" in str(n.target):
         k = kernel_side_table.get_kernel(n.kwargs["kernel_idx"])
         kernels.append([getattr(k, "fn", k).__name__, sorted(n.kwargs.get("tensors_to_clone", []))])
-print(json.dumps({"opaque": opaque, "kernels": kernels}))
+# what AOTAutograd's cache key hashes for each twin: the sources of the kernels it launches
+from torch._functorch._aot_autograd.autograd_cache import AOTAutogradCacheDetails
+hashed = {str(n.target): sorted(getattr(k, "fn", k).__name__ for k in
+                                torch._library.triton.get_triton_kernels_for_op(n.target._name))
+          for n in ep.graph.nodes if n.op == "call_function" and str(n.target).startswith("sparsec.")}
+details = object.__new__(AOTAutogradCacheDetails)  # only its kernel-source walk is used
+srcs = details.get_triton_source_codes_from_gm(ep.graph_module)
+hashed["specialised"] = [any(f"K={k}, N={n}" in src for src in srcs) for k, n in ((61, 43), (90, 43))]
+print(json.dumps({"opaque": opaque, "kernels": kernels, "hashed": hashed}))
 """
 
 
@@ -272,3 +280,10 @@ def test_triton_ops_decompose_into_kernels(tmp_path):
         ["cats_up", ["HOUT"]], ["sparse_gemv", ["ACC"]], ["epilogue", ["Y"]],  # CATS: up stage, down GEMV
         ["nm_gemv", ["ACC"]], ["epilogue", ["Y"]],
     ]
+    # AOTAutograd's cache key covers the generated sources (specialised: each site's K and N)
+    assert out["hashed"] == {
+        "sparsec.triton_sparse_linear.default": ["epilogue", "sparse_gemv"],
+        "sparsec.triton_sparse_cats_mlp.default": ["cats_up", "epilogue", "sparse_gemv"],
+        "sparsec.triton_nm_linear.default": ["epilogue", "nm_gemv"],
+        "specialised": [True, True],
+    }
