@@ -2,6 +2,7 @@
 
     python bench/kernels.py [--threads 1] [--reps 25] [--quick] [--json out.json]
     python bench/kernels.py --nm [--n 2 --m 4] ...      (the N:M compressed linear instead)
+    python bench/kernels.py --cats ...                  (the CATS fused MLP vs the dense MLP)
     python bench/kernels.py --nm --dense-copy --batches 8 16 64   (as compiled models run it:
         calls where dense wins use a cached masked dense copy of the weight)
 
@@ -121,6 +122,64 @@ def bench_nm(a) -> list[dict]:
     return rows
 
 
+CATS_SHAPES = [(4096, 11008), (576, 1536)]  # (hidden, intermediate): Llama-2-7B's MLP, SmolLM2's
+
+
+def bench_cats(a) -> list[dict]:
+    """The CATS fused MLP (``sparsec::sparse_cats_mlp``: dense gate, then only the active rows
+    of up and of W_down^T) vs the dense SwiGLU MLP (three ``F.linear``). s is the fraction of
+    |silu(gate x)| at or below the threshold; ideal = 3 / (1 + 2 (1 - s_read)): the gate is
+    always read in full."""
+    rows = []
+    print(f"{'MLP (hidden x inter)':>21} {'dtype':>5} {'batch':>5} {'s':>4} {'s_read':>6} {'dense ms':>9} "
+          f"{'cats ms':>9} {'speedup':>8} {'ideal':>6} {'% ideal':>7}")
+    g = torch.Generator().manual_seed(0)
+    shapes = CATS_SHAPES[:1] if a.quick else CATS_SHAPES
+    batches = a.batches or ([1] if a.quick else [1, 4])
+    for (h, inter) in shapes:
+        for dname, dtype in DTYPES.items():
+            wg, wu = [(torch.randn(inter, h, generator=g) / h**0.5).to(dtype) for _ in range(2)]
+            wd = (torch.randn(h, inter, generator=g) / inter**0.5).to(dtype)
+            n = max(2, -(-COLD_BYTES // (3 * wg.numel() * wg.element_size())))
+            dense_sets = [(wg.clone(), wu.clone(), wd.clone()) for _ in range(n)]
+            # W_down^T in huge-page memory, as codegen.lower prepares it
+            cats_sets = [(wg.clone(), wu.clone(), cpu.empty_huge((inter, h), dtype).copy_(wd.t())) for _ in range(n)]
+            for b in batches:
+                x = torch.randn(b, h, generator=g).to(dtype)
+                act = F.silu(F.linear(x, wg)).float().abs()
+                for s in SPARSITIES:
+                    t = float(torch.quantile(act.flatten(), s)) if s > 0 else -1.0
+                    got = torch.ops.sparsec.sparse_cats_mlp(x, wg, None, wu, None, cats_sets[0][2], None, t, "silu")
+                    ref = activation.cats_mlp_reference(x, wg, None, wu, None, wd, None, t, "silu")
+                    tol = 1e-3 if dtype == torch.float32 else 3e-2
+                    assert torch.allclose(got.float(), ref.float(), atol=tol, rtol=tol), (h, inter, dname, b, s)
+                    s_read = 1.0 - (act > t).any(0).float().mean().item()
+                    dense, sparse = [], []
+                    i = 0
+                    for r in range(a.reps + 2):  # two warm-up rounds
+                        for which in (0, 1):
+                            i += 1
+                            t0 = time.perf_counter()
+                            if which == 0:
+                                g_, u_, d_ = dense_sets[i % n]
+                                F.linear(F.silu(F.linear(x, g_)) * F.linear(x, u_), d_)
+                            else:
+                                g_, u_, dt_ = cats_sets[i % n]
+                                torch.ops.sparsec.sparse_cats_mlp(x, g_, None, u_, None, dt_, None, t, "silu")
+                            dt = time.perf_counter() - t0
+                            if r >= 2:
+                                (dense if which == 0 else sparse).append(dt)
+                    d, sp = statistics.median(dense), statistics.median(sparse)
+                    ideal = 3.0 / (1.0 + 2.0 * (1.0 - s_read))
+                    rows.append(dict(shape=f"{h}x{inter}", dtype=dname, batch=b, s=s, s_read=round(s_read, 4),
+                                     dense_ms=d * 1e3, cats_ms=sp * 1e3, speedup=d / sp, ideal=ideal,
+                                     pct_ideal=100 * d / sp / ideal))
+                    print(f"{h:>9}x{inter:<11} {dname:>5} {b:>5} {s:>4.1f} {s_read:>6.3f} {d * 1e3:>9.3f} "
+                          f"{sp * 1e3:>9.3f} {d / sp:>7.2f}x {ideal:>5.2f}x {100 * d / sp / ideal:>6.0f}%", flush=True)
+            del dense_sets, cats_sets
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
@@ -128,6 +187,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="first shape, batch 1 only")
     ap.add_argument("--json", default=None)
     ap.add_argument("--nm", action="store_true", help="benchmark the N:M compressed linear")
+    ap.add_argument("--cats", action="store_true", help="benchmark the CATS fused MLP (batches 1 and 4)")
     ap.add_argument("--batches", type=int, nargs="*", default=None, help="only these batch sizes")
     ap.add_argument("--dtypes", nargs="*", default=None, choices=list(DTYPES), help="only these dtypes")
     ap.add_argument("--shapes", nargs="*", default=None, metavar="OUTxIN",
@@ -147,6 +207,12 @@ def main() -> None:
     ext = cpu.extension()
     info = cpu.build_info()
     print(f"# sparsec C++ kernels: {info}; threads={a.threads}; reps={a.reps}; torch {torch.__version__}")
+    if a.cats:
+        rows = bench_cats(a)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({"build": info, "threads": a.threads, "rows": rows}, f, indent=1)
+        return
     if a.nm:
         rows = bench_nm(a)
         if a.json:

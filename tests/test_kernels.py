@@ -154,6 +154,12 @@ def test_cats_mlp_edges(ext, dtype, batch):
         _close(A._cats_cpu(x, *args, t, "silu"), A.cats_mlp_reference(x, wg, None, wu, None, wd, bd, t, "silu"),
                dtype, scale=4.0)
     assert torch.equal(A._cats_cpu(x, *args, float("inf"), "silu"), bd.expand(batch, o))
+    # a decode step's 3-D token (bf16 batch 1: the gate's own row loop) through the op
+    got = torch.ops.sparsec.sparse_cats_mlp(x[:1].view(1, 1, h), wg, bd[:1].expand(i).contiguous(), wu, None,
+                                            wd.t().contiguous(), bd, 0.3, "gelu")
+    ref = A.cats_mlp_reference(x[:1], wg, bd[:1].expand(i), wu, None, wd, bd, 0.3, "gelu")
+    assert got.shape == (1, 1, o)
+    _close(got.view(1, o), ref, dtype, scale=4.0)
     x[0, 5] = float("nan")  # every gate and up product of token 0 is NaN: all of its channels active
     got, ref = A._cats_cpu(x, *args, 0.3, "silu"), A.cats_mlp_reference(x, wg, None, wu, None, wd, bd, 0.3, "silu")
     assert torch.isnan(got[0]).all() and torch.equal(torch.isnan(got), torch.isnan(ref))
