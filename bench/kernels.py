@@ -142,14 +142,17 @@ def bench_cats(a) -> list[dict]:
             wd = (torch.randn(h, inter, generator=g) / inter**0.5).to(dtype)
             n = max(2, -(-COLD_BYTES // (3 * wg.numel() * wg.element_size())))
             dense_sets = [(wg.clone(), wu.clone(), wd.clone()) for _ in range(n)]
-            # W_down^T in huge-page memory, as codegen.lower prepares it
-            cats_sets = [(wg.clone(), wu.clone(), cpu.empty_huge((inter, h), dtype).copy_(wd.t())) for _ in range(n)]
+            # W_down^T in huge-page memory, as codegen.lower prepares it, and the original W_down
+            # (the compiled op gets both: its dense paths multiply by the original)
+            cats_sets = [(wg.clone(), wu.clone(), cpu.empty_huge((inter, h), dtype).copy_(wd.t()), dense_sets[k][2])
+                         for k in range(n)]
             for b in batches:
                 x = torch.randn(b, h, generator=g).to(dtype)
                 act = F.silu(F.linear(x, wg)).float().abs()
                 for s in SPARSITIES:
                     t = float(torch.quantile(act.flatten(), s)) if s > 0 else -1.0
-                    got = torch.ops.sparsec.sparse_cats_mlp(x, wg, None, wu, None, cats_sets[0][2], None, t, "silu")
+                    got = torch.ops.sparsec.sparse_cats_mlp(x, wg, None, wu, None, cats_sets[0][2], None, t, "silu",
+                                                            None, wd)
                     ref = activation.cats_mlp_reference(x, wg, None, wu, None, wd, None, t, "silu")
                     tol = 1e-3 if dtype == torch.float32 else 3e-2
                     assert torch.allclose(got.float(), ref.float(), atol=tol, rtol=tol), (h, inter, dname, b, s)
@@ -164,8 +167,8 @@ def bench_cats(a) -> list[dict]:
                                 g_, u_, d_ = dense_sets[i % n]
                                 F.linear(F.silu(F.linear(x, g_)) * F.linear(x, u_), d_)
                             else:
-                                g_, u_, dt_ = cats_sets[i % n]
-                                torch.ops.sparsec.sparse_cats_mlp(x, g_, None, u_, None, dt_, None, t, "silu")
+                                g_, u_, dt_, d_ = cats_sets[i % n]
+                                torch.ops.sparsec.sparse_cats_mlp(x, g_, None, u_, None, dt_, None, t, "silu", None, d_)
                             dt = time.perf_counter() - t0
                             if r >= 2:
                                 (dense if which == 0 else sparse).append(dt)

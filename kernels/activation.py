@@ -132,7 +132,7 @@ def _sparse_linear_cpu(x, weight_t, bias, threshold, weight=None, residual=None)
 
 
 def _cats_cpu(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation,
-              residual=None):
+              residual=None, down_weight=None):
     if activation not in ACTIVATIONS:
         raise ValueError(f"sparsec::sparse_cats_mlp: unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}")
     ext = cpu.extension()
@@ -141,7 +141,7 @@ def _cats_cpu(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down
             x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation, residual
         )
     return ext.sparse_cats_mlp_op(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold,
-                                  activation, residual)
+                                  activation, residual, down_weight)
 
 
 def _cpu_kernel_ok(x: torch.Tensor, *ws: torch.Tensor | None) -> bool:
@@ -226,7 +226,8 @@ _lib.define("sparse_linear(Tensor x, Tensor weight_t, Tensor? bias, float thresh
             "Tensor? residual=None) -> Tensor")
 _lib.define(
     "sparse_cats_mlp(Tensor x, Tensor gate_weight, Tensor? gate_bias, Tensor up_weight, Tensor? up_bias, "
-    "Tensor down_weight_t, Tensor? down_bias, float threshold, str activation, Tensor? residual=None) -> Tensor"
+    "Tensor down_weight_t, Tensor? down_bias, float threshold, str activation, Tensor? residual=None, "
+    "Tensor? down_weight=None) -> Tensor"
 )
 
 
@@ -245,11 +246,12 @@ def _(x, weight_t, bias, threshold, weight=None, residual=None):
 
 @torch.library.impl(_lib, "sparse_cats_mlp", "CompositeExplicitAutograd")
 def sparse_cats_mlp(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation,
-                    residual=None):
-    """CATS with the prepared down weight ``down_weight_t = W_down^T`` (``[inter, hidden]``)."""
+                    residual=None, down_weight=None):
+    """CATS with the prepared down weight ``down_weight_t = W_down^T`` (``[inter, hidden]``);
+    ``down_weight``: optionally the original ``[hidden, inter]`` one, for the dense paths."""
     if x.device.type == "cpu":
         return _cats_cpu(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation,
-                         residual)
+                         residual, down_weight)
     if activation not in ACTIVATIONS:
         raise ValueError(f"sparsec::sparse_cats_mlp: unknown activation {activation!r}; known: {sorted(ACTIVATIONS)}")
     return sparse_cats_mlp_reference(
@@ -258,7 +260,8 @@ def sparse_cats_mlp(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t
 
 
 @torch.library.register_fake("sparsec::sparse_cats_mlp", lib=_lib)
-def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation, residual=None):
+def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation, residual=None,
+      down_weight=None):
     return x.new_empty((*x.shape[:-1], down_weight_t.shape[1]))
 
 
@@ -275,7 +278,8 @@ def _(x, weight_t, bias, threshold, weight=None, residual=None):
 
 
 @torch.library.impl(_lib, "sparse_cats_mlp", "CUDA")
-def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation, residual=None):
+def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation, residual=None,
+      down_weight=None):
     from . import triton_gen
 
     return triton_gen.sparse_cats_mlp_cuda(

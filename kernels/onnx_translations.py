@@ -104,7 +104,7 @@ def cats_mlp(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bi
 
 
 def sparse_cats_mlp(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold: float,
-                    activation: str, residual=None):
+                    activation: str, residual=None, down_weight=None):
     return _plus(_cats(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation),
                  residual)
 

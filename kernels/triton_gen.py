@@ -493,11 +493,12 @@ def triton_sparse_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Te
 def triton_sparse_cats_mlp(x: torch.Tensor, gate_weight: torch.Tensor, gate_bias: torch.Tensor | None,
                            up_weight: torch.Tensor, up_bias: torch.Tensor | None, down_weight_t: torch.Tensor,
                            down_bias: torch.Tensor | None, threshold: float, activation: str,
-                           residual: torch.Tensor | None = None) -> torch.Tensor:
+                           residual: torch.Tensor | None = None,
+                           down_weight: torch.Tensor | None = None) -> torch.Tensor:
     """``sparsec::sparse_cats_mlp`` with its generated Triton kernels visible to the compiler."""
     if not _gemv_rows(x) or activation not in _ACT:
         return torch.ops.sparsec.sparse_cats_mlp.default(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t,
-                                                         down_bias, threshold, activation, residual)
+                                                         down_bias, threshold, activation, residual, down_weight)
     return sparse_cats_mlp_cuda(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold,
                                 activation, residual=residual)
 

@@ -133,10 +133,13 @@ def lower(ctx: GraphContext) -> list[Prepared]:
         attr, prep = prepared([(fqn, real)])
         args = list(node.args)
         args[idx] = get_attr(attr, node)
+        kwargs = dict(node.kwargs)
         if twin == "sparse_linear":
             args.append(node.args[1])  # the original weight, for the dense paths (prefill)
+        else:
+            kwargs["down_weight"] = node.args[5]  # likewise the original down weight
         with graph.inserting_before(node):
-            new = graph.call_function(getattr(torch.ops.sparsec, twin).default, tuple(args), dict(node.kwargs))
+            new = graph.call_function(getattr(torch.ops.sparsec, twin).default, tuple(args), kwargs)
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)

@@ -102,6 +102,18 @@ def test_cats_lowered_to_fused_kernel(tiny, tiny_batches):
     assert all(p.fqn.endswith("mlp.down_proj.weight") and torch.equal(p.buffer, p.param.detach().t())
                for p in made[0].prepared)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # the fused op also gets the original down weight, for its dense paths (prefill, and bf16
+    # batches whose active channels cover most of the MLP: the library GEMM is faster on it)
+    torch._dynamo.reset()
+    backend, made = _spy({"plan": plan, "dense_backend": "eager"})
+    with torch.no_grad():
+        torch.compile(tiny, backend=backend, fullgraph=True)(x)
+    gm = made[0].fn
+    ops = [n for n in gm.graph.nodes if n.target is torch.ops.sparsec.sparse_cats_mlp.default]
+    assert len(ops) == 2
+    for n in ops:
+        prepared, original = n.args[5].meta["val"], n.kwargs["down_weight"].meta["val"]
+        assert n.args[5].op == "get_attr" and original.shape == prepared.t().shape != prepared.shape
 
 
 def test_decode_step_with_static_cache_fullgraph(tiny, tiny_plan):
