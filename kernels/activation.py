@@ -124,11 +124,11 @@ def sparse_cats_mlp_reference(
 # loads it), the unprepared ops, and machines where it could not be built.
 
 
-def _sparse_linear_cpu(x, weight_t, bias, threshold, weight=None, residual=None):
+def _sparse_linear_cpu(x, weight_t, bias, threshold, weight=None, residual=None, group_weights=None):
     ext = cpu.extension()
     if ext is None:
         return sparse_linear_reference(x, weight_t, bias, threshold, weight, residual)
-    return ext.sparse_linear_op(x, weight_t, bias, threshold, weight, residual)
+    return ext.sparse_linear_op(x, weight_t, bias, threshold, weight, residual, group_weights)
 
 
 def _cats_cpu(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation,
@@ -222,8 +222,9 @@ _lib = torch.library.Library("sparsec", "FRAGMENT")
 # ``weight``: optionally the original [out, in] weight, which the dense paths (prefill, a
 # batch whose active inputs cover nearly everything) use for MKL's faster layout
 # ``residual``: the fused residual-add epilogue (``sparsec.codegen.fuse_residual_adds``)
+# ``group_weights``: the original weights of the linears a group fused into one call (same use)
 _lib.define("sparse_linear(Tensor x, Tensor weight_t, Tensor? bias, float threshold, Tensor? weight=None, "
-            "Tensor? residual=None) -> Tensor")
+            "Tensor? residual=None, Tensor[]? group_weights=None) -> Tensor")
 _lib.define(
     "sparse_cats_mlp(Tensor x, Tensor gate_weight, Tensor? gate_bias, Tensor up_weight, Tensor? up_bias, "
     "Tensor down_weight_t, Tensor? down_bias, float threshold, str activation, Tensor? residual=None, "
@@ -232,15 +233,15 @@ _lib.define(
 
 
 @torch.library.impl(_lib, "sparse_linear", "CompositeExplicitAutograd")
-def sparse_linear(x, weight_t, bias, threshold, weight=None, residual=None):
+def sparse_linear(x, weight_t, bias, threshold, weight=None, residual=None, group_weights=None):
     """``W s_t(x) + b (+ residual)`` with the prepared weight ``weight_t = W^T`` (``[in, out]``)."""
     if x.device.type == "cpu":  # loads (and registers) the C++ kernel
-        return _sparse_linear_cpu(x, weight_t, bias, threshold, weight, residual)
+        return _sparse_linear_cpu(x, weight_t, bias, threshold, weight, residual, group_weights)
     return sparse_linear_reference(x, weight_t, bias, threshold, weight, residual)
 
 
 @torch.library.register_fake("sparsec::sparse_linear", lib=_lib)
-def _(x, weight_t, bias, threshold, weight=None, residual=None):
+def _(x, weight_t, bias, threshold, weight=None, residual=None, group_weights=None):
     return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
 
 
@@ -271,7 +272,7 @@ def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, t
 
 
 @torch.library.impl(_lib, "sparse_linear", "CUDA")
-def _(x, weight_t, bias, threshold, weight=None, residual=None):
+def _(x, weight_t, bias, threshold, weight=None, residual=None, group_weights=None):
     from . import triton_gen
 
     return triton_gen.sparse_linear_cuda(x, weight_t, bias, threshold, residual=residual)

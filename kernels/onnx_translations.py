@@ -87,7 +87,7 @@ def _plus(y, residual):
     return y if residual is None else op.Add(y, residual)
 
 
-def sparse_linear(x, weight_t, bias, threshold: float, weight=None, residual=None):
+def sparse_linear(x, weight_t, bias, threshold: float, weight=None, residual=None, group_weights=None):
     # weight_t is the prepared [in, out] copy: MatMul takes it as it is
     return _plus(_linear(apply_threshold(x, threshold), weight_t, bias), residual)
 

@@ -482,10 +482,11 @@ def _gemv_rows(x: torch.Tensor) -> bool:
 
 @torch.library.triton_op("sparsec::triton_sparse_linear", mutates_args=())
 def triton_sparse_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, threshold: float,
-                         weight: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+                         weight: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                         group_weights: list[torch.Tensor] | None = None) -> torch.Tensor:
     """``sparsec::sparse_linear`` with its generated Triton kernels visible to the compiler."""
     if not _gemv_rows(x):
-        return torch.ops.sparsec.sparse_linear.default(x, weight_t, bias, threshold, weight, residual)
+        return torch.ops.sparsec.sparse_linear.default(x, weight_t, bias, threshold, weight, residual, group_weights)
     return sparse_linear_cuda(x, weight_t, bias, threshold, residual=residual)
 
 

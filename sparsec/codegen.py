@@ -154,9 +154,14 @@ def lower(ctx: GraphContext) -> list[Prepared]:
         with graph.inserting_before(first):
             g = graph.get_attr(attr)
             g.meta["val"] = prep.buffer
-            # a lone linear also passes its original weight, for the dense paths (prefill)
-            orig = members[0][0].args[1] if len(members) == 1 else None
-            fused = graph.call_function(torch.ops.sparsec.sparse_linear.default, (x, g, None, t, orig))
+            # the original weights too, for the dense paths (prefill): a lone linear's, or each
+            # member's (one GEMM per member: faster than one on the concatenated W^T)
+            if len(members) == 1:
+                fused = graph.call_function(torch.ops.sparsec.sparse_linear.default,
+                                            (x, g, None, t, members[0][0].args[1]))
+            else:
+                fused = graph.call_function(torch.ops.sparsec.sparse_linear.default, (x, g, None, t),
+                                            {"group_weights": [node.args[1] for node, _, _ in members]})
         fused.meta.update(first.meta)
         for (node, fqn, w), (_, _, c0, c1, _) in zip(members, prep.sources):
             if len(members) == 1:

@@ -49,7 +49,25 @@ def test_lowering_uses_prepared_weights_and_matches_reference(tiny, tiny_plan):
     for p in prepared:
         assert p.buffer.is_contiguous()
         assert torch.equal(p.buffer, torch.cat([w.detach().t() for _, w, *_ in p.sources], 1))
+    # each call also gets its original weight(s), [out, in], for the dense paths (prefill):
+    # a lone linear's as `weight`, a group's members' as `group_weights`, in the buffer's order
+    for n in made[0].fn.graph.nodes:
+        if n.target is torch.ops.sparsec.sparse_linear.default:
+            wt = n.args[1].meta["val"]
+            group = n.kwargs.get("group_weights")
+            originals = [w.meta["val"] for w in group] if group else [n.args[4].meta["val"]]
+            assert (not group) == (len(n.args) > 4) and len(originals) in (1, 2, 3)
+            assert sum(w.shape[0] for w in originals) == wt.shape[1] and all(w.shape[1] == wt.shape[0] for w in originals)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # prefill-sized input (the dense path on the original weights) matches too
+    xp = torch.randint(0, 256, (2, 13))
+    with torch.no_grad():
+        torch._dynamo.reset()
+        refp = torch.compile(tiny, backend="sparsec", options={
+            "plan": tiny_plan, "kernels": "reference", "dense_backend": "eager"})(xp).logits
+        torch._dynamo.reset()
+        outp = torch.compile(tiny, backend="sparsec", options={"plan": tiny_plan})(xp).logits
+    torch.testing.assert_close(outp, refp, atol=1e-5, rtol=1e-5)
     assert state_hash(tiny) == before
 
 

@@ -95,6 +95,29 @@ def test_dense_fallback_thresholds_exactly(ext, dtype, batch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [3, 12, 40])
+def test_group_weights_dense_paths(ext, dtype, rows):
+    """A group of linears fused into one call (q/k/v) passes each member's original weight:
+    the dense paths (40 rows: prefill; 12 bf16 rows with AMX: the break-even fallback) run one
+    GEMM per member and concatenate; the kernel path (3 rows) ignores them. Same result as
+    the reference either way; a group whose widths do not add up is an error."""
+    g = torch.Generator().manual_seed(rows)
+    k = 101
+    ws = [(torch.randn(n, k, generator=g) / k**0.5).to(dtype) for n in (37, 13, 13)]
+    wt = torch.cat(ws).t().contiguous()
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    x[0, 4] = float("nan")
+    t = 0.2
+    got = torch.ops.sparsec.sparse_linear(x, wt, None, t, None, None, ws)
+    ref = A.sparse_linear_reference(x, wt, None, t)
+    assert torch.equal(torch.isnan(got), torch.isnan(ref)) and torch.isnan(got[0]).all()
+    _close(got[1:], ref[1:], dtype)
+    if rows > 16:
+        with pytest.raises(ValueError, match="group_weights have 50 output features together, weight_t has 63"):
+            torch.ops.sparsec.sparse_linear(x, wt, None, t, None, None, ws[:2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sparse_linear_edge_cases(ext, dtype):
     x = torch.randn(3, 37).to(dtype)
     wt = torch.randn(37, 29).to(dtype)
