@@ -482,11 +482,14 @@ def _gemv_rows(x: torch.Tensor) -> bool:
 
 @torch.library.triton_op("sparsec::triton_sparse_linear", mutates_args=())
 def triton_sparse_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, threshold: float,
-                         weight: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                         group_weights: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """``sparsec::sparse_linear`` with its generated Triton kernels visible to the compiler."""
+                         weight: torch.Tensor | None, residual: torch.Tensor | None,
+                         group_weights: list[torch.Tensor]) -> torch.Tensor:
+    """``sparsec::sparse_linear`` with its generated Triton kernels visible to the compiler.
+    (``group_weights`` is a plain list here, ``[]`` for none: ``triton_op`` infers its schema
+    and takes no optional tensor list; ``use_triton_ops`` fills it in.)"""
     if not _gemv_rows(x):
-        return torch.ops.sparsec.sparse_linear.default(x, weight_t, bias, threshold, weight, residual, group_weights)
+        return torch.ops.sparsec.sparse_linear.default(x, weight_t, bias, threshold, weight, residual,
+                                                       group_weights or None)
     return sparse_linear_cuda(x, weight_t, bias, threshold, residual=residual)
 
 
@@ -527,6 +530,14 @@ def use_triton_ops(gm: torch.fx.GraphModule) -> int:
         val = node.meta.get("val")
         if twin is None or not isinstance(val, torch.Tensor) or val.device.type != "cuda":
             continue
+        if op == "sparse_linear":  # the twin takes every argument, group_weights as a list
+            args = list(node.args) + [None] * (6 - len(node.args))
+            kwargs = dict(node.kwargs)
+            for i, name in ((4, "weight"), (5, "residual")):
+                if name in kwargs:
+                    args[i] = kwargs.pop(name)
+            kwargs["group_weights"] = kwargs.get("group_weights") or []
+            node.args, node.kwargs = tuple(args[:6]), kwargs
         node.target = getattr(torch.ops.sparsec, twin).default
         swapped += 1
     if swapped:

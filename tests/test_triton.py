@@ -175,7 +175,7 @@ def test_triton_op_twins_run_eagerly(interpret):
     wt, b = torch.randn(61, 43, generator=g) / 8, torch.randn(43, generator=g)
     for rows in (3, 17):
         x, res = torch.randn(rows, 61, generator=g), torch.randn(rows, 43, generator=g)
-        got = torch.ops.sparsec.triton_sparse_linear(x, wt, b, 0.4, None, res)
+        got = torch.ops.sparsec.triton_sparse_linear(x, wt, b, 0.4, None, res, [])
         _close(got, A.sparse_linear_reference(x, wt, b, 0.4) + res, torch.float32, 2)
     wg, wu = torch.randn(90, 61, generator=g) / 8, torch.randn(90, 61, generator=g) / 8
     wdt = torch.randn(90, 43, generator=g) / 9
@@ -210,6 +210,7 @@ def test_use_triton_ops_swaps_only_cuda_sites():
     assert tg.use_triton_ops(gm) == 1
     assert outs[0].target is torch.ops.sparsec.sparse_linear.default
     assert outs[1].target is torch.ops.sparsec.triton_sparse_linear.default
+    assert outs[1].args[4:] == (None, None) and outs[1].kwargs == {"group_weights": []}
     assert other.target is torch.ops.aten.relu.default
     assert "triton_sparse_linear" in gm.code
 
@@ -236,7 +237,7 @@ class M(torch.nn.Module):
         w = torch.randn(43, 64, generator=g)
         self.v, self.p = nm.pack(w, nm.nm_mask(w.abs(), 2, 4), 2, 4)
     def forward(self, x, r, x2):
-        y = torch.ops.sparsec.triton_sparse_linear(x, self.wt, self.b, 0.4, None, r)
+        y = torch.ops.sparsec.triton_sparse_linear(x, self.wt, self.b, 0.4, None, r, [])
         y = torch.ops.sparsec.triton_sparse_cats_mlp(y, self.wg, None, self.wu, None, self.wdt, None, 0.1, "silu")
         return torch.ops.sparsec.triton_nm_linear(x2, self.v, self.p, None, 2, 4, 0.3) + y
 
