@@ -49,26 +49,26 @@ def copies(w: torch.Tensor, transpose: bool) -> list[torch.Tensor]:
     return out
 
 
+def interleaved(dense, sparse, reps: int) -> tuple[float, float]:
+    """Median seconds of ``dense(i)`` and ``sparse(i)``, called in turn (i counts every call,
+    so consecutive calls pick different weight copies); two warm-up rounds are dropped."""
+    times = ([], [])
+    i = 0
+    for r in range(reps + 2):
+        for which, fn in enumerate((dense, sparse)):
+            i += 1
+            t0 = time.perf_counter()
+            fn(i)
+            dt = time.perf_counter() - t0
+            if r >= 2:
+                times[which].append(dt)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
 def bench_cell(ext, ws, wts, x, t, reps):
     # the kernel gets the original weight too, as compiled graphs pass it (for its dense path)
-    dense, sparse = [], []
-    i = 0
-    for r in range(reps + 2):  # two warm-up rounds
-        for which in (0, 1):
-            i += 1
-            if which == 0:
-                w = ws[i % len(ws)]
-                t0 = time.perf_counter()
-                F.linear(x, w)
-                dt = time.perf_counter() - t0
-            else:
-                wt, w = wts[i % len(wts)], ws[i % len(ws)]
-                t0 = time.perf_counter()
-                ext.sparse_linear(x, wt, None, t, w)
-                dt = time.perf_counter() - t0
-            if r >= 2:
-                (dense if which == 0 else sparse).append(dt)
-    return statistics.median(dense), statistics.median(sparse)
+    return interleaved(lambda i: F.linear(x, ws[i % len(ws)]),
+                       lambda i: ext.sparse_linear(x, wts[i % len(wts)], None, t, ws[i % len(ws)]), reps)
 
 
 def bench_nm(a) -> list[dict]:
@@ -98,21 +98,12 @@ def bench_nm(a) -> list[dict]:
                 if a.dense_copy:  # each copy's first call makes its dense weight: not what is timed
                     for vv, pp in packs:
                         torch.ops.sparsec.nm_linear(x, vv, pp, None, a.n, a.m, -1.0, True)
-                dense, sparse = [], []
-                i = 0
-                for r in range(a.reps + 2):
-                    for which in (0, 1):
-                        i += 1
-                        t0 = time.perf_counter()
-                        if which == 0:
-                            F.linear(x, ws[i % len(ws)])
-                        else:
-                            vv, pp = packs[i % nc]
-                            torch.ops.sparsec.nm_linear(x, vv, pp, None, a.n, a.m, -1.0, a.dense_copy)
-                        dt = time.perf_counter() - t0
-                        if r >= 2:
-                            (dense if which == 0 else sparse).append(dt)
-                d, sp = statistics.median(dense), statistics.median(sparse)
+
+                def nm_call(i):
+                    vv, pp = packs[i % nc]
+                    return torch.ops.sparsec.nm_linear(x, vv, pp, None, a.n, a.m, -1.0, a.dense_copy)
+
+                d, sp = interleaved(lambda i: F.linear(x, ws[i % len(ws)]), nm_call, a.reps)
                 rows.append(dict(shape=f"{n_out}x{k_in}", dtype=dname, batch=b, pattern=f"{a.n}:{a.m}",
                                  dense_ms=d * 1e3, nm_ms=sp * 1e3, speedup=d / sp, ideal=ideal,
                                  pct_ideal=100 * d / sp / ideal))
@@ -157,22 +148,16 @@ def bench_cats(a) -> list[dict]:
                     tol = 1e-3 if dtype == torch.float32 else 3e-2
                     assert torch.allclose(got.float(), ref.float(), atol=tol, rtol=tol), (h, inter, dname, b, s)
                     s_read = 1.0 - (act > t).any(0).float().mean().item()
-                    dense, sparse = [], []
-                    i = 0
-                    for r in range(a.reps + 2):  # two warm-up rounds
-                        for which in (0, 1):
-                            i += 1
-                            t0 = time.perf_counter()
-                            if which == 0:
-                                g_, u_, d_ = dense_sets[i % n]
-                                F.linear(F.silu(F.linear(x, g_)) * F.linear(x, u_), d_)
-                            else:
-                                g_, u_, dt_, d_ = cats_sets[i % n]
-                                torch.ops.sparsec.sparse_cats_mlp(x, g_, None, u_, None, dt_, None, t, "silu", None, d_)
-                            dt = time.perf_counter() - t0
-                            if r >= 2:
-                                (dense if which == 0 else sparse).append(dt)
-                    d, sp = statistics.median(dense), statistics.median(sparse)
+
+                    def dense_mlp(i):
+                        g_, u_, d_ = dense_sets[i % n]
+                        return F.linear(F.silu(F.linear(x, g_)) * F.linear(x, u_), d_)
+
+                    def cats(i):
+                        g_, u_, dt_, d_ = cats_sets[i % n]
+                        return torch.ops.sparsec.sparse_cats_mlp(x, g_, None, u_, None, dt_, None, t, "silu", None, d_)
+
+                    d, sp = interleaved(dense_mlp, cats, a.reps)
                     ideal = 3.0 / (1.0 + 2.0 * (1.0 - s_read))
                     rows.append(dict(shape=f"{h}x{inter}", dtype=dname, batch=b, s=s, s_read=round(s_read, 4),
                                      dense_ms=d * 1e3, cats_ms=sp * 1e3, speedup=d / sp, ideal=ideal,

@@ -510,6 +510,14 @@ int64_t threshold_union(const T* x, int64_t B, int64_t K, float thr, T* xs) {
 #endif
 }
 
+// threshold_union on a contiguous [B, K] float or bf16 tensor, into xs (same shape and dtype)
+int64_t threshold_union(const at::Tensor& x, double thr, at::Tensor& xs) {
+  const int64_t B = x.size(0), K = x.size(1);
+  return x.scalar_type() == at::kFloat
+             ? threshold_union(x.data_ptr<float>(), B, K, (float)thr, xs.data_ptr<float>())
+             : threshold_union(x.data_ptr<c10::BFloat16>(), B, K, (float)thr, xs.data_ptr<c10::BFloat16>());
+}
+
 inline double dense_density_limit(at::ScalarType dtype, int64_t B) {
   if (dtype == at::kBFloat16 && cpu_has_amx_bf16()) {
     if (B <= 1) return 2.0;
@@ -564,11 +572,8 @@ torch::Tensor sparse_linear(torch::Tensor x, torch::Tensor wt, c10::optional<tor
     // when the rows' active channels together cover enough of the inputs, the library GEMM
     // beats streaming rows: take the dense path above the measured break-even union density
     auto xs = torch::empty_like(x);
-    const int64_t cover = x.scalar_type() == torch::kFloat
-                              ? threshold_union(x.data_ptr<float>(), B, K, (float)thr, xs.data_ptr<float>())
-                              : threshold_union(x.data_ptr<c10::BFloat16>(), B, K, (float)thr,
-                                                xs.data_ptr<c10::BFloat16>());
-    if (cover > static_cast<int64_t>(limit * K)) return dense_linear(xs, wt, bias, weight, group);
+    if (threshold_union(x, thr, xs) > static_cast<int64_t>(limit * K))
+      return dense_linear(xs, wt, bias, weight, group);
   }
   if (x.scalar_type() == torch::kFloat) {
     sparse_linear_impl<float>(x.data_ptr<float>(), B, K, wt.data_ptr<float>(), N,
@@ -705,11 +710,7 @@ at::Tensor sparse_cats_mlp_op(const at::Tensor& x, const at::Tensor& gw, const c
     // intermediate size, the library GEMMs beat reading rows (bf16 with AMX, batch 4,
     // 4096 -> 11008 -> 4096, every channel active: 45.2 ms for the kernel, 38.9 for dense)
     auto as = at::empty_like(a2);
-    const int64_t cover = a2.scalar_type() == at::kFloat
-                              ? threshold_union(a2.data_ptr<float>(), rows, I, (float)thr, as.data_ptr<float>())
-                              : threshold_union(a2.data_ptr<c10::BFloat16>(), rows, I, (float)thr,
-                                                as.data_ptr<c10::BFloat16>());
-    if (cover > static_cast<int64_t>(limit * I))
+    if (threshold_union(a2, thr, as) > static_cast<int64_t>(limit * I))
       return sparsec_add_residual(at::linear(as.view(a.sizes()) * at::linear(x, uw, ub), down, db), residual,
                                   "sparse_cats_mlp");
   }
