@@ -65,6 +65,14 @@ def interleaved(dense, sparse, reps: int) -> tuple[float, float]:
     return statistics.median(times[0]), statistics.median(times[1])
 
 
+def timing_columns(row: dict, sparse_key: str, d: float, sp: float, ideal: float) -> str:
+    """Add the timing columns every table here ends with to ``row`` (both times in ms, the
+    speedup, the ideal, the % of it) and return them formatted."""
+    row.update({"dense_ms": d * 1e3, sparse_key: sp * 1e3, "speedup": d / sp, "ideal": ideal,
+                "pct_ideal": 100 * d / sp / ideal})
+    return f"{d * 1e3:>9.3f} {sp * 1e3:>9.3f} {d / sp:>7.2f}x {ideal:>5.2f}x {100 * d / sp / ideal:>6.0f}%"
+
+
 def bench_cell(ext, ws, wts, x, t, reps):
     # the kernel gets the original weight too, as compiled graphs pass it (for its dense path)
     return interleaved(lambda i: F.linear(x, ws[i % len(ws)]),
@@ -104,11 +112,9 @@ def bench_nm(a) -> list[dict]:
                     return torch.ops.sparsec.nm_linear(x, vv, pp, None, a.n, a.m, -1.0, a.dense_copy)
 
                 d, sp = interleaved(lambda i: F.linear(x, ws[i % len(ws)]), nm_call, a.reps)
-                rows.append(dict(shape=f"{n_out}x{k_in}", dtype=dname, batch=b, pattern=f"{a.n}:{a.m}",
-                                 dense_ms=d * 1e3, nm_ms=sp * 1e3, speedup=d / sp, ideal=ideal,
-                                 pct_ideal=100 * d / sp / ideal))
-                print(f"{n_out:>8}x{k_in:<9} {dname:>5} {b:>5} {a.n}:{a.m:<5} {d * 1e3:>9.3f} {sp * 1e3:>9.3f} "
-                      f"{d / sp:>7.2f}x {ideal:>5.2f}x {100 * d / sp / ideal:>6.0f}%", flush=True)
+                rows.append(dict(shape=f"{n_out}x{k_in}", dtype=dname, batch=b, pattern=f"{a.n}:{a.m}"))
+                cols = timing_columns(rows[-1], "nm_ms", d, sp, ideal)
+                print(f"{n_out:>8}x{k_in:<9} {dname:>5} {b:>5} {a.n}:{a.m:<5} {cols}", flush=True)
             del ws, packs
     return rows
 
@@ -159,11 +165,9 @@ def bench_cats(a) -> list[dict]:
 
                     d, sp = interleaved(dense_mlp, cats, a.reps)
                     ideal = 3.0 / (1.0 + 2.0 * (1.0 - s_read))
-                    rows.append(dict(shape=f"{h}x{inter}", dtype=dname, batch=b, s=s, s_read=round(s_read, 4),
-                                     dense_ms=d * 1e3, cats_ms=sp * 1e3, speedup=d / sp, ideal=ideal,
-                                     pct_ideal=100 * d / sp / ideal))
-                    print(f"{h:>9}x{inter:<11} {dname:>5} {b:>5} {s:>4.1f} {s_read:>6.3f} {d * 1e3:>9.3f} "
-                          f"{sp * 1e3:>9.3f} {d / sp:>7.2f}x {ideal:>5.2f}x {100 * d / sp / ideal:>6.0f}%", flush=True)
+                    rows.append(dict(shape=f"{h}x{inter}", dtype=dname, batch=b, s=s, s_read=round(s_read, 4)))
+                    cols = timing_columns(rows[-1], "cats_ms", d, sp, ideal)
+                    print(f"{h:>9}x{inter:<11} {dname:>5} {b:>5} {s:>4.1f} {s_read:>6.3f} {cols}", flush=True)
             del dense_sets, cats_sets
     return rows
 
@@ -229,14 +233,11 @@ def main() -> None:
                     act = ~(x.float().abs() <= t)
                     s_read = 1.0 - act.any(0).float().mean().item()
                     d, sp = bench_cell(ext, ws, wts, x, t, a.reps)
-                    speed = d / sp
-                    ideal = 1.0 / (1.0 - s_read)
                     gbs = w.numel() * w.element_size() / d / 1e9
-                    rows.append(dict(shape=f"{n_out}x{k_in}", dtype=dname, batch=b, s=s, s_read=round(s_read, 4),
-                                     dense_ms=d * 1e3, sparse_ms=sp * 1e3, speedup=speed, ideal=ideal,
-                                     pct_ideal=100 * speed / ideal, dense_gbs=gbs))
-                    print(f"{n_out:>8}x{k_in:<9} {dname:>5} {b:>5} {s:>4.1f} {s_read:>6.3f} {d * 1e3:>9.3f} "
-                          f"{sp * 1e3:>9.3f} {speed:>7.2f}x {ideal:>5.2f}x {100 * speed / ideal:>6.0f}% {gbs:>10.1f}",
+                    rows.append(dict(shape=f"{n_out}x{k_in}", dtype=dname, batch=b, s=s, s_read=round(s_read, 4)))
+                    cols = timing_columns(rows[-1], "sparse_ms", d, sp, 1.0 / (1.0 - s_read))
+                    rows[-1]["dense_gbs"] = gbs
+                    print(f"{n_out:>8}x{k_in:<9} {dname:>5} {b:>5} {s:>4.1f} {s_read:>6.3f} {cols} {gbs:>10.1f}",
                           flush=True)
             del ws, wts
     if a.json:
