@@ -104,7 +104,7 @@ def calibrate_nm(pass_, model, sites, cfg, batches, progress):
             w = model.get_parameter(s.weights["weight"]).detach()
             pruned, keep = sparsegpt_prune(w, H[s.key], cfg)
             add(s, pruned, keep)
-    blocks = list(by_block)
+    blocks = _chain(model, list(by_block))
     if not blocks:
         return entries, tensors
     inputs = []
@@ -127,6 +127,10 @@ def calibrate_nm(pass_, model, sites, cfg, batches, progress):
     finally:
         h.remove()
     for b in tqdm(blocks, desc="sparsec sparsegpt", unit="block", leave=False, disable=not progress):
+        if b not in by_block:  # nothing to prune here: pass the activations on through the dense block
+            with torch.no_grad():
+                inputs = _advance(model.get_submodule(b), inputs)
+            continue
         blk = copy.deepcopy(model.get_submodule(b))  # prune a copy: the user's model stays as it is
         mods = {s.key: blk.get_submodule(s.group[len(b) + 1:]) for s in by_block[b]}
         acc, hooks = {}, []
@@ -148,14 +152,31 @@ def calibrate_nm(pass_, model, sites, cfg, batches, progress):
                 pruned, keep = sparsegpt_prune(lin.weight, acc.pop(s.key), cfg)
                 lin.weight.copy_(pruned)
                 add(s, pruned, keep)
-            # the next block sees this block's pruned outputs
-            nxt = []
-            for a, k in inputs:
-                out = first_tensor(blk(*a, **k))
-                if a and isinstance(a[0], torch.Tensor):
-                    nxt.append(((out, *a[1:]), k))
-                else:
-                    nxt.append((a, {**k, "hidden_states": out}))
-            inputs = nxt
+            inputs = _advance(blk, inputs)  # the next block sees this block's pruned outputs
         del blk
     return entries, tensors
+
+
+def _advance(blk, inputs: list) -> list:
+    """Each recorded block call, with its hidden states replaced by ``blk``'s output on them."""
+    nxt = []
+    for a, k in inputs:
+        out = first_tensor(blk(*a, **k))
+        if a and isinstance(a[0], torch.Tensor):
+            nxt.append(((out, *a[1:]), k))
+        else:
+            nxt.append((a, {**k, "hidden_states": out}))
+    return nxt
+
+
+def _chain(model, blocks: list[str]) -> list[str]:
+    """The blocks from the first to the last one with sites, those in between included: with
+    ``targets: [layers.0, layers.2]`` layer 2 must see layer 1's output, not layer 0's."""
+    parents = {b.rpartition(".")[0] for b in blocks}
+    idx = [b.rpartition(".")[2] for b in blocks]
+    if len(parents) != 1 or not all(i.isdigit() for i in idx):
+        return blocks
+    parent = parents.pop()
+    container = model.get_submodule(parent)
+    chain = [f"{parent}.{i}" for i in range(min(map(int, idx)), max(map(int, idx)) + 1)]
+    return chain if all(c.rpartition(".")[2] in container._modules for c in chain) else blocks

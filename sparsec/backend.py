@@ -13,6 +13,7 @@ that changes in place. Thresholds are constants of the compiled graph: a new pla
 from __future__ import annotations
 
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -35,8 +36,19 @@ class SparsecNotice(UserWarning):
 #: weight tensor -> {site key: plan entry}; lets ``sparsec.report(compiled)`` find what the
 #: backend did to a model without reaching into dynamo's private state.
 _SITES = torch.utils.weak.WeakIdKeyDictionary()
-#: plans calibrated on the fly, per options dict, so recompiles reuse the same thresholds
-_FALLBACK_PLANS: dict[int, tuple[dict, Plan]] = {}
+#: plans calibrated on the fly, per options dict, so recompiles reuse the same thresholds:
+#: id(options) -> (options, plan, {weight name: weakref to the tensor it was calibrated on})
+_FALLBACK_PLANS: dict[int, tuple[dict, Plan, dict[str, weakref.ref]]] = {}
+
+
+def _reusable(prev: Plan | None, seen: dict[str, weakref.ref], recipe, ctx) -> bool:
+    """A plan calibrated on the fly earlier serves this graph only if it was made for the same
+    recipe and every weight both graphs name is the same tensor: one options dict passed to
+    two checkpoints of one architecture would otherwise run the first one's thresholds (and,
+    for N:M, its compressed weights) on the second."""
+    if prev is None or prev.recipe != recipe.to_dict():
+        return False
+    return all(seen[name]() is t for name, t in ctx.tensors.items() if name in seen)
 
 
 def _dense(gm, example_inputs, opts: CompileOptions | None):
@@ -71,6 +83,7 @@ def sparsec_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
         return _dense(gm, example_inputs, opts)
 
     plan = opts.plan
+    on_the_fly = plan is None
     if isinstance(plan, (str, Path)):
         plan = Plan.load(plan)
     recipe = plan.recipe_obj() if plan is not None else resolve_recipe(opts.recipe)
@@ -79,13 +92,15 @@ def sparsec_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
     reg = get_registry()
     needs_cal = any(getattr(reg.passes[n], "needs_calibration", lambda c: False)(c) for n, c in recipe.passes.items())
     if plan is None and needs_cal:
-        prev = _FALLBACK_PLANS.get(id(raw), (None, None))[1]
-        if prev is None:
+        _, prev, seen = _FALLBACK_PLANS.get(id(raw), (None, None, {}))
+        if not _reusable(prev, seen, recipe, ctx):
+            prev, seen = None, {}
             _notice(f"sparsec: recipe {recipe.name!r} needs calibration and no plan was given: calibrating on "
                     "the compile example inputs (uniform allocation). For real use: "
                     "plan = sparsec.calibrate(model, batches, recipe); options={'plan': plan}.")
         plan = calibrate_graph(ctx, recipe, example_inputs, prev)
-        _FALLBACK_PLANS[id(raw)] = (raw, plan)  # keep raw alive so its id stays unique
+        seen = {**seen, **{name: weakref.ref(t) for name, t in ctx.tensors.items()}}
+        _FALLBACK_PLANS[id(raw)] = (raw, plan, seen)  # keep raw alive so its id stays unique
     elif plan is None:
         plan = Plan(recipe=recipe.to_dict())
 
@@ -109,4 +124,32 @@ def sparsec_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
                 _SITES.setdefault(t, {})[s.key] = entry
     prepared = lower(ctx) if opts.kernels == "auto" else []
     compiled = _dense(ctx.gm, example_inputs, opts)
-    return RefreshingCallable(compiled, prepared) if prepared else compiled
+    compiled = RefreshingCallable(compiled, prepared) if prepared else compiled
+    if on_the_fly and needs_cal:
+        return _PerWeights(compiled, gm, example_inputs)
+    return compiled
+
+
+class _PerWeights:
+    """A graph calibrated on the fly runs sparse only on the weights it was calibrated on.
+
+    torch.compile shares compiled code between instances of one module class (their weights
+    are graph inputs), so a second checkpoint compiled with the same plan-less options would
+    silently run the first one's thresholds and N:M weights. Other weights run the dense
+    graph instead, with a notice (dynamo has already dropped what a second capture needs)."""
+
+    def __init__(self, fn, gm, example_inputs):
+        self.fn, self.gm = fn, gm
+        self.pos = [i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter)]
+        self.refs = [weakref.ref(example_inputs[i]) for i in self.pos]
+        self.warned = False
+
+    def __call__(self, *args):
+        if all(r() is args[i] for r, i in zip(self.refs, self.pos)):
+            return self.fn(*args)
+        if not self.warned:
+            self.warned = True
+            _notice("sparsec: torch.compile reused a graph that was calibrated on the fly for another model of "
+                    "this class; this model runs it densely. Give each model its own plan "
+                    "(sparsec.calibrate), or call torch._dynamo.reset() before compiling it.")
+        return self.gm(*args)

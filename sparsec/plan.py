@@ -24,7 +24,7 @@ __all__ = ["Plan", "FORMAT_VERSION"]
 FORMAT_VERSION = 1
 
 
-@dataclass
+@dataclass(eq=False)  # by identity: torch.compile compares options with ==, and tensors have no truth value
 class Plan:
     recipe: dict  # the validated recipe, as a dict (Recipe.to_dict())
     sites: dict[str, dict] = field(default_factory=dict)  # site key -> entry
@@ -96,15 +96,25 @@ class Plan:
         if not (path / "plan.json").is_file():
             raise PlanError(f"{str(path)!r} is not a sparsec plan (no plan.json inside)")
         try:
-            doc = json.loads((path / "plan.json").read_text())
-        except json.JSONDecodeError as exc:
+            doc = json.loads((path / "plan.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise PlanError(f"{str(path / 'plan.json')!r} is not valid JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise PlanError(f"{str(path / 'plan.json')!r} is damaged: not a JSON object")
         if doc.get("format") != "sparsec-plan":
             raise PlanError(f"{str(path)!r} is not a sparsec plan")
         version = doc.get("format_version")
         if version != FORMAT_VERSION:
             raise PlanError(f"plan {str(path)!r} has format version {version}; this sparsec reads version {FORMAT_VERSION}")
-        tensors = load_file(str(path / "tensors.safetensors")) if (path / "tensors.safetensors").exists() else {}
+        for key, kind in (("recipe", dict), ("sites", dict), ("meta", dict)):
+            if not isinstance(doc.get(key, {}), kind) or (key != "meta" and key not in doc):
+                raise PlanError(f"{str(path / 'plan.json')!r} is damaged: {key!r} is missing or not an object")
+        tensors = {}
+        if (path / "tensors.safetensors").exists():
+            try:
+                tensors = load_file(str(path / "tensors.safetensors"))
+            except Exception as exc:  # safetensors raises its own SafetensorError, and OSError
+                raise PlanError(f"{str(path / 'tensors.safetensors')!r} cannot be read: {exc}") from None
         return cls(recipe=doc["recipe"], sites=doc["sites"], tensors=tensors, meta=doc.get("meta", {}), format_version=version)
 
     @staticmethod

@@ -54,6 +54,18 @@ def test_export_cats_and_dynamic_sequence(tiny, tiny_batches):
             torch.testing.assert_close(ep.module()(x).logits, masked_dense(tiny, plan, x), atol=1e-5, rtol=1e-5)
 
 
+def test_export_with_recipe_calibrates_on_args_and_kwargs(tiny):
+    """Without a plan, export calibrates on its own inputs: the positional ones *and* the keyword ones."""
+    ids = torch.randint(0, 256, (2, 13))
+    mask = torch.ones(2, 13, dtype=torch.long)
+    with pytest.warns(sparsec.SparsecNotice, match="calibrating on the export inputs"):
+        ep = sparsec.export(tiny, (ids,), {"attention_mask": mask}, recipe="teal-40")
+    assert sum("sparsec.threshold_linear" in str(n.target) for n in ep.graph.nodes) == 14
+    with torch.no_grad():
+        out = ep.module()(ids, attention_mask=mask).logits
+    assert out.shape == (2, 13, 256) and torch.isfinite(out).all()
+
+
 def test_compile_dynamic_shapes_recompile(tiny, tiny_plan):
     compiled = torch.compile(tiny, backend="sparsec", options={"plan": tiny_plan, "dense_backend": "eager"})
     with torch.no_grad():
@@ -157,3 +169,32 @@ def test_debug_dumps(tmp_path, monkeypatch, tiny, tiny_plan):
     assert any(f.endswith("activation_threshold_before.txt") for f in files)
     after = next(tmp_path.glob("*activation_threshold_after.txt")).read_text()
     assert "sparsec.threshold_linear" in after
+
+
+def test_plan_less_options_never_run_another_models_calibration(tiny_batches):
+    """Options without a plan calibrate on the fly and are remembered, so a recompile of the
+    same model reuses that plan. Another checkpoint of the architecture must never run the
+    first one's compressed weights: dynamo hands it the first one's compiled graph (weights
+    are graph inputs), which then runs densely with a notice; after a reset, the same
+    options calibrate it afresh."""
+    from sparsec.models.llama import tiny_llama
+
+    a, b = tiny_llama(seed=0), tiny_llama(seed=1)
+    opts = {"recipe": {"passes": {"nm_weights": {"n": 2, "m": 4, "method": "magnitude"}}}, "dense_backend": "eager"}
+    ids = tiny_batches[0]
+    with torch.no_grad(), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.compile(a, backend="sparsec", options=opts)(ids)
+        torch._dynamo.reset()  # the next compile of ``a`` calls the backend again
+        torch.compile(a, backend="sparsec", options=opts)(ids)
+        assert sum("needs calibration" in str(w.message) for w in seen) == 1  # the recompile reused the plan
+        reused = torch.compile(b, backend="sparsec", options=opts)(ids).logits
+        assert any("calibrated on the fly for another model" in str(w.message) for w in seen)
+        torch._dynamo.reset()
+        own = torch.compile(b, backend="sparsec", options=opts)(ids).logits
+        torch._dynamo.reset()
+        fresh = torch.compile(b, backend="sparsec", options=dict(opts))(ids).logits
+        dense = b(ids).logits
+    torch.testing.assert_close(reused, dense)
+    torch.testing.assert_close(own, fresh, rtol=0, atol=0)
+    assert (own - dense).abs().max() > 1e-3  # b's own 2:4 weights, not dense and not a's

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import sparsec
 from sparsec.errors import RecipeError
 from sparsec.kernels import nm
+from sparsec.models.llama import tiny_llama
 from sparsec.passes.nm_weights import NMWeightsConfig, sparsegpt_prune
 
 from .conftest import state_hash
@@ -144,10 +145,18 @@ def test_sparsegpt_matches_a_plain_float64_implementation():
     ({"structure": "unstructured", "sparsity": 1.0}, r"sparsity must be in \[0, 1\)"),
     ({"n": 2.0}, "n must be an integer"),
     ({"dense_copy": "yes"}, "dense_copy must be true or false"),
+    ({"sparsity": 0.7}, "sparsity applies to structure 'unstructured'.*removes 50%"),
+    ({"structure": "unstructured", "n": 1, "m": 4}, "n and m apply to structure 'nm'"),
 ])
 def test_bad_nm_recipes(recipe, match):
     with pytest.raises(RecipeError, match=match):
         sparsec.resolve_recipe({"passes": {"nm_weights": recipe}})
+
+
+def test_nm_with_cats_is_refused():
+    with pytest.raises(RecipeError, match="does not compose with activation_threshold mode 'cats'"):
+        sparsec.resolve_recipe({"passes": {"activation_threshold": {"mode": "cats", "sparsity": 0.5},
+                                           "nm_weights": {"n": 2, "m": 4}}})
 
 
 def _dense_reference(model, plan):
@@ -426,3 +435,38 @@ def test_gpu_prefill_path_caches_its_dense_weight():
     del v
     gc.collect()
     assert len(nm._DENSE) == held - 1
+
+
+def test_sparsegpt_targets_with_a_gap_run_the_block_between(tiny_batches):
+    """targets [layers.0, layers.2]: layer 2's Hessians come from layer 1's output on layer 0's
+    pruned output (layer 1 dense), exactly as if the model had layer 0 pruned and only layer 2
+    were calibrated."""
+    model = tiny_llama(num_hidden_layers=3)
+
+    def recipe(targets):
+        return {"passes": {"nm_weights": {"n": 2, "m": 4, "method": "sparsegpt", "targets": targets}}}
+
+    plan = sparsec.calibrate(model, tiny_batches, recipe(["model.layers.0", "model.layers.2"]), progress=False)
+    assert {e["block"] for e in plan.sites.values()} == {"model.layers.0", "model.layers.2"}
+    first = sparsec.Plan(recipe=plan.recipe, sites={k: e for k, e in plan.sites.items() if e["block"] == "model.layers.0"},
+                         tensors=plan.tensors)
+    layer0_pruned = _dense_reference(model, first)
+    only2 = sparsec.calibrate(layer0_pruned, tiny_batches, recipe(["model.layers.2"]), progress=False)
+    got, want = _dense_reference(model, plan), _dense_reference(layer0_pruned, only2)
+    for name, p in want.model.layers[2].named_parameters():
+        torch.testing.assert_close(got.model.layers[2].get_parameter(name), p, rtol=1e-5, atol=1e-6)
+
+
+def test_two_checkpoints_with_their_own_plans(tiny_batches):
+    """Two models of one class, each compiled with its own N:M plan, without a reset between:
+    torch.compile tells the options apart (plans compare by identity) and each model runs its
+    own compressed weights."""
+    models = [tiny_llama(seed=s) for s in (0, 1)]
+    recipe = {"passes": {"nm_weights": {"n": 2, "m": 4, "method": "magnitude"}}}
+    plans = [sparsec.calibrate(m, tiny_batches, recipe, progress=False) for m in models]
+    ids = tiny_batches[0]
+    with torch.no_grad():
+        outs = [torch.compile(m, backend="sparsec", options={"plan": p, "dense_backend": "eager"})(ids).logits
+                for m, p in zip(models, plans)]
+        for out, m, p in zip(outs, models, plans):
+            torch.testing.assert_close(out, _dense_reference(m, p)(ids).logits, rtol=1e-4, atol=1e-4)
