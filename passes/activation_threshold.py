@@ -136,6 +136,8 @@ class ActivationThreshold(Pass):
         return not path_matches(path, config.ignore)
 
     def match(self, ctx: GraphContext, config: ActivationThresholdConfig) -> list[Site]:
+        if config.sparsity == 0:
+            return []  # nothing to threshold: the linears stay as they are
         return self._match_cats(ctx, config) if config.mode == "cats" else self._match_teal(ctx, config)
 
     def _match_teal(self, ctx, config) -> list[Site]:

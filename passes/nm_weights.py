@@ -90,6 +90,14 @@ class NMWeightsConfig:
             raise RecipeError(f"method must be one of {list(METHODS)}, got {self.method!r}{did_you_mean(str(self.method), METHODS)}")
         if not (0.0 <= self.sparsity < 1.0) or math.isnan(self.sparsity):
             raise RecipeError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        # settings of the other structure would be ignored: say so (their defaults are harmless,
+        # and a saved plan's recipe carries every default)
+        if self.structure == "nm" and self.sparsity != 0.5:
+            raise RecipeError(f"sparsity applies to structure 'unstructured'; with N:M, n and m set it "
+                              f"(n={self.n}, m={self.m} removes {1 - self.n / self.m:.0%})")
+        if self.structure == "unstructured" and (self.n, self.m) != (2, 4):
+            raise RecipeError(f"n and m apply to structure 'nm'; unstructured pruning removes 'sparsity' "
+                              f"({self.sparsity}) of each row")
         if self.blocksize < 1:
             raise RecipeError(f"blocksize must be positive, got {self.blocksize}")
         if not (self.damp >= 0):
@@ -200,6 +208,14 @@ class NMWeights(Pass):
 
     def needs_calibration(self, config: NMWeightsConfig) -> bool:
         return True  # masks (and SparseGPT's updated weights) are decided once, into the plan
+
+    def check_recipe(self, configs: dict) -> None:
+        at = configs.get("activation_threshold")
+        if getattr(at, "mode", None) == "cats":
+            # CATS turns each MLP into one sparsec::cats_mlp op before this pass runs, and that
+            # op reads dense weights: the MLP would stay unpruned while the plan said otherwise
+            raise RecipeError("passes.nm_weights does not compose with activation_threshold mode 'cats' (the CATS "
+                              "MLP kernel reads dense weights, so the MLP would stay unpruned); use mode 'teal'")
 
     def _wanted(self, path: str, config) -> bool:
         if config.targets and not path_matches(path, config.targets):

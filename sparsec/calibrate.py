@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,11 +23,22 @@ from .plan import Plan
 from .plugins import get_registry
 from .recipes import resolve_recipe
 
-__all__ = ["calibrate", "calibrate_graph", "split_batch", "record_kwargs", "first_tensor", "with_weights"]
+__all__ = ["ArgsKwargs", "calibrate", "calibrate_graph", "split_batch", "record_kwargs", "first_tensor", "with_weights"]
+
+
+@dataclass(frozen=True)
+class ArgsKwargs:
+    """A calibration batch with positional *and* keyword inputs (what ``sparsec.export`` gets)."""
+
+    args: tuple
+    kwargs: dict
 
 
 def split_batch(batch: Any) -> tuple[tuple, dict]:
-    """A batch is a tensor, a tuple/list of positional inputs, or a dict of keyword inputs."""
+    """A batch is a tensor, a tuple/list of positional inputs, a dict of keyword inputs, or
+    an ``ArgsKwargs`` of both."""
+    if isinstance(batch, ArgsKwargs):
+        return tuple(batch.args), dict(batch.kwargs)
     if isinstance(batch, torch.Tensor):
         return (batch,), {}
     if isinstance(batch, dict):

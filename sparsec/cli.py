@@ -209,9 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, tiny-llama, or a local HF folder")
     p.add_argument("--recipe", default="teal-40")
     p.add_argument("--out", required=True, help="plan folder to write")
-    p.add_argument("--windows", type=int, default=16)
-    p.add_argument("--length", type=int, default=128)
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--windows", type=_positive, default=16)
+    p.add_argument("--length", type=_positive, default=128)
+    p.add_argument("--batch", type=_positive, default=4)
     p.set_defaults(fn=cmd_calibrate)
 
     p = sub.add_parser("report", help="print what a plan rewrites")
@@ -224,8 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--recipe", default="teal-40")
     p.add_argument("--plan", default=None)
-    p.add_argument("--windows", type=int, default=8)
-    p.add_argument("--length", type=int, default=512)
+    p.add_argument("--windows", type=_positive, default=8)
+    p.add_argument("--length", type=_positive, default=512)
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_eval)
 
@@ -237,24 +237,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nm-format", choices=["compressed", "dense"], default="compressed",
                    help="N:M weights as values + packed positions (default) or dense with zeros")
     p.add_argument("--external-data", action="store_true", help="weights in <out>.data (automatic above ~1.8 GiB)")
-    p.add_argument("--length", type=int, default=16, help="tokens in the example input (axes stay dynamic)")
+    p.add_argument("--length", type=_positive, default=16, help="tokens in the example input (axes stay dynamic)")
     p.set_defaults(fn=cmd_export_onnx)
 
     p = sub.add_parser("export-mlir", help="write the sparse model as MLIR (linalg on tensors, torch-mlir)")
     p.add_argument("--model", default="tiny-llama", help="smollm2-135m, tiny-llama, or a local HF folder")
     p.add_argument("--plan", required=True, help="a calibrated plan (sparsec calibrate)")
     p.add_argument("--out", required=True, help="the .mlir file to write")
-    p.add_argument("--length", type=int, default=16, help="tokens in the (static) input")
+    p.add_argument("--length", type=_positive, default=16, help="tokens in the (static) input")
     p.set_defaults(fn=cmd_export_mlir)
 
     p = sub.add_parser("demo", help="SmolLM2 with TEAL 40%: calibrate, compile, report, perplexity, generate")
-    p.add_argument("--windows", type=int, default=4)
-    p.add_argument("--length", type=int, default=512)
-    p.add_argument("--tokens", type=int, default=12)
+    p.add_argument("--windows", type=_positive, default=4)
+    p.add_argument("--length", type=_positive, default=512)
+    p.add_argument("--tokens", type=_positive, default=12)
     p.add_argument("--plan-out", default=os.path.join(os.path.expanduser("~"), ".cache", "sparsec", "demo-teal-40.sparsec"))
     p.add_argument("--plot", default="sparsec-demo-sparsity.png")
     p.set_defaults(fn=cmd_demo)
     return ap
+
+
+def _positive(text: str) -> int:
+    """argparse type: a whole number of at least 1 (0 windows or tokens would divide by zero)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,9 +274,15 @@ def main(argv: list[str] | None = None) -> int:
     _setup()
     a = build_parser().parse_args(argv)
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=FutureWarning)
-            return a.fn(a) or 0
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=FutureWarning)
+                return a.fn(a) or 0
+        except Exception as exc:
+            # torch.compile wraps what the backend raised (a PlanError, say) in its own
+            # BackendCompilerFailed, with the full compile traceback: report the cause
+            inner = getattr(exc, "inner_exception", None)
+            raise inner if isinstance(inner, (SparsecError, ValueError, FileNotFoundError)) else exc
     except (SparsecError, ValueError, FileNotFoundError) as exc:
         print(f"sparsec: error: {exc}", file=sys.stderr)
         return 2

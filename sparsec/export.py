@@ -9,11 +9,12 @@ from typing import Any
 import torch
 
 from .backend import SparsecNotice
-from .calibrate import calibrate
+from .calibrate import ArgsKwargs, calibrate
 from .capture import capture_export
 from .plan import Plan
 from .pipeline import run_pipeline
 from .plugins import get_registry
+from .errors import RecipeError
 from .recipes import resolve_recipe
 
 __all__ = ["export"]
@@ -36,6 +37,8 @@ def export(
     """
     if plan is None and recipe is None:
         raise ValueError("sparsec.export: give a plan (sparsec.calibrate) or a recipe")
+    if on_plugin_error not in ("raise", "skip"):  # before any calibration
+        raise RecipeError(f"sparsec.export: on_plugin_error must be 'raise' or 'skip', got {on_plugin_error!r}")
     if isinstance(plan, (str, Path)):
         plan = Plan.load(plan)
     if plan is None:
@@ -44,7 +47,7 @@ def export(
         if any(getattr(reg.passes[n], "needs_calibration", lambda c: False)(c) for n, c in recipe_obj.passes.items()):
             warnings.warn(f"sparsec.export: recipe {recipe_obj.name!r} needs calibration and no plan was given: "
                           "calibrating on the export inputs", SparsecNotice, stacklevel=2)
-            plan = calibrate(model, [tuple(args) if not kwargs else dict(kwargs)], recipe_obj, progress=False)
+            plan = calibrate(model, [ArgsKwargs(tuple(args), dict(kwargs or {}))], recipe_obj, progress=False)
         else:
             plan = Plan(recipe=recipe_obj.to_dict())
     recipe_obj = plan.recipe_obj()

@@ -83,6 +83,10 @@ def run_pipeline(ctx: GraphContext, recipe, plan, *, on_plugin_error: str = "rai
     Each pass matches its sites (without touching the graph), checks them against the plan,
     then rewrites. The graph is linted and recompiled once at the end.
     """
+    if on_plugin_error not in ("raise", "skip"):
+        from .errors import RecipeError
+
+        raise RecipeError(f"on_plugin_error must be 'raise' or 'skip', got {on_plugin_error!r}")
     reg = registry or get_registry()
     ddir, gid = _debug_dir(), next(_graph_ids)
     result = PipelineResult(modified=False)

@@ -113,9 +113,12 @@ def _load_file(path: Path) -> dict:
     text = path.read_text()
     if path.suffix.lower() == ".json":
         try:
-            return json.loads(text)
+            data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise RecipeError(f"recipe file {str(path)!r} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise RecipeError(f"recipe file {str(path)!r} must hold a JSON object, got {type(data).__name__}")
+        return data
     import yaml
 
     try:
@@ -161,6 +164,10 @@ def resolve_recipe(recipe: Any, registry=None) -> Recipe:
         p = reg.get_pass(pname)
         cls = getattr(p, "config_cls", None)
         configs[pname] = build_config(cls, section, f"passes.{pname}") if cls else dict(section or {})
+    for pname in configs:  # combinations a pass cannot honour fail here, before any calibration
+        check = getattr(reg.get_pass(pname), "check_recipe", None)
+        if check is not None:
+            check(configs)
     return Recipe(name=str(data.get("name", name)), passes=configs, description=str(data.get("description", "")))
 
 
@@ -173,9 +180,12 @@ class CompileOptions:
     - ``on_plugin_error``: ``"raise"`` (default) or ``"skip"`` (warn and skip a failing pass).
     - ``dense_backend``: ``"inductor"`` (default) compiles the dense remainder with Inductor;
       ``"eager"`` runs the rewritten ATen graph as is (fast to set up, for evaluation/debug).
-    - ``kernels``: ``"auto"`` (default) prepares weights at compile time (transposed copies)
-      and runs the C++ (CPU) or Triton (CUDA) kernels; ``"reference"`` keeps the plain-torch
-      reference ops (no prepared copies; for debugging and A/B checks).
+    - ``kernels``: ``"auto"`` (default) lowers the rewritten ops at compile time: prepared
+      weight copies, fused groups and epilogues, C++ (CPU) or Triton (CUDA) kernels.
+      ``"reference"`` skips that lowering: the graph keeps the passes' unfused ops
+      (``sparsec::threshold_linear``, ``cats_mlp``, ``nm_linear``), which make their weight
+      copies on first use and call the same kernels (pure torch where no kernel applies);
+      for A/B checks of the lowering.
     """
 
     recipe: Any = None

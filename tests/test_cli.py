@@ -37,3 +37,22 @@ def test_cli_errors_are_one_line():
     assert "Traceback" not in r.stderr
     r = subprocess.run([sys.executable, "-m", "sparsec.cli", "report", "/nonexistent"], capture_output=True, text=True)
     assert r.returncode == 2 and "is not a sparsec plan" in r.stderr
+
+
+def test_cli_unwraps_compile_errors_and_checks_counts(tmp_path, capsys, tiny_plan):
+    import pytest
+
+    import sparsec
+
+    # a plan missing one of the model's sites: the backend's PlanError reaches the user as
+    # one line, not as torch.compile's BackendCompilerFailed traceback
+    sites = dict(tiny_plan.sites)
+    sites.pop(sorted(sites)[0])
+    path = sparsec.Plan(recipe=tiny_plan.recipe, sites=sites, tensors=tiny_plan.tensors).save(tmp_path / "p.sparsec")
+    assert main(["eval", "--model", "tiny-llama", "--plan", str(path), "--windows", "1", "--length", "16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("sparsec: error:") and "has no site" in err[-1]
+    assert not any("BackendCompilerFailed" in line for line in err)
+    with pytest.raises(SystemExit) as exc:
+        main(["calibrate", "--model", "tiny-llama", "--windows", "0", "--out", str(tmp_path / "q")])
+    assert exc.value.code == 2 and "must be at least 1, got 0" in capsys.readouterr().err

@@ -60,6 +60,31 @@ def test_bad_plan_paths(tmp_path, tiny_plan):
         sparsec.Plan.load(tmp_path / "v9")
 
 
+def test_damaged_plan_files_name_the_file(tmp_path, tiny_plan):
+    """A plan folder damaged on disk gives a PlanError naming the file, not a KeyError or a
+    safetensors traceback."""
+    good = tiny_plan.save(tmp_path / "good")
+    doc = json.loads((good / "plan.json").read_text())
+    cases = {
+        "list": b"[]",
+        "binary": b"\xff\xfe\x00garbage",
+        "no-sites": json.dumps({k: v for k, v in doc.items() if k != "sites"}).encode(),
+        "sites-list": json.dumps({**doc, "sites": []}).encode(),
+    }
+    for name, content in cases.items():
+        d = tmp_path / name
+        d.mkdir()
+        (d / "plan.json").write_bytes(content)
+        with pytest.raises(PlanError, match="plan.json"):
+            sparsec.Plan.load(d)
+    trunc = tmp_path / "truncated"
+    trunc.mkdir()
+    (trunc / "plan.json").write_text(json.dumps(doc))
+    (trunc / "tensors.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\"")
+    with pytest.raises(PlanError, match="tensors.safetensors.*cannot be read"):
+        sparsec.Plan.load(trunc)
+
+
 def test_report_of_plan_and_compiled_model(tmp_path, tiny, tiny_plan):
     rep = sparsec.report(tiny_plan)
     text = str(rep)

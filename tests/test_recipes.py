@@ -75,6 +75,25 @@ def test_recipe_files(tmp_path):
     bad.write_text("passes: [unclosed")
     with pytest.raises(RecipeError, match="is not valid YAML"):
         resolve_recipe(str(bad))
+    for text, kind in (("5", "int"), ("null", "NoneType"), ("[1]", "list")):
+        j.write_text(text)
+        with pytest.raises(RecipeError, match=f"must hold a JSON object, got {kind}"):
+            resolve_recipe(str(j))
+
+
+def test_export_checks_on_plugin_error_first(tiny):
+    with pytest.raises(RecipeError, match="on_plugin_error must be 'raise' or 'skip', got 'Skip'"):
+        sparsec.export(tiny, (torch.randint(0, 256, (1, 5)),), recipe="teal-40", on_plugin_error="Skip")
+
+
+def test_zero_sparsity_compiles_densely(tiny):
+    """sparsity 0 is valid and means no thresholds: the model compiles as it is, with a notice."""
+    ids = torch.randint(0, 256, (2, 9))
+    with pytest.warns(sparsec.SparsecNotice, match="no pass matched"), torch.no_grad():
+        out = torch.compile(tiny, backend="sparsec", options={"recipe": at(sparsity=0.0), "dense_backend": "eager"})(ids)
+    with torch.no_grad():
+        torch.testing.assert_close(out.logits, tiny(ids).logits)
+    assert sparsec.calibrate(tiny, [ids], at(sparsity=0.0), progress=False).sites == {}
 
 
 def test_calibrate_rejects_bad_batches(tiny):
