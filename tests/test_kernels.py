@@ -139,6 +139,35 @@ def test_sparse_linear_edge_cases(ext, dtype):
     _close(got[fin], ref[fin], dtype)
 
 
+def test_ops_reject_malformed_arguments(ext):
+    """The ops are public (torch.ops.sparsec.*): arguments their kernels would misread fail
+    with a message instead of reading past a buffer or answering something else."""
+    from sparsec.kernels import nm
+
+    x = torch.randn(1, 64)
+    wt = torch.randn(64, 48)
+    with pytest.raises(RuntimeError, match=r"sparse_linear: bias must be \[48\], got \[1\]"):
+        torch.ops.sparsec.sparse_linear(x, wt, torch.tensor([0.5]), 0.1)
+    with pytest.raises(RuntimeError, match=r"bias must be \[48\], got \[1, 48\]"):
+        torch.ops.sparsec.sparse_linear(x, wt, torch.zeros(1, 48), 0.1)
+    with pytest.raises(RuntimeError, match="sparse_linear: the threshold is NaN"):
+        torch.ops.sparsec.sparse_linear(x, wt, None, float("nan"))
+    g, u, dt = torch.randn(40, 64), torch.randn(40, 64), torch.randn(40, 64)
+    with pytest.raises(RuntimeError, match=r"down_bias must be \[64\], got \[1\]"):
+        torch.ops.sparsec.sparse_cats_mlp(x, g, None, u, None, dt, torch.zeros(1), 0.1, "silu")
+    with pytest.raises(RuntimeError, match=r"do not fit 64 input features"):
+        torch.ops.sparsec.sparse_cats_mlp(x, g, None, u[:39], None, dt, None, 0.1, "silu")
+    w = torch.randn(48, 64)
+    v, p = nm.pack(w, nm.nm_mask(w.abs(), 2, 4), 2, 4)
+    with pytest.raises(RuntimeError, match=r"positions of shape \[47, 8\]"):
+        torch.ops.sparsec.nm_linear(x, v, p[:47], None, 2, 4, -1.0)
+    with pytest.raises(RuntimeError, match=r"needs 1 <= n < m <= 256, got n=0, m=0"):
+        torch.ops.sparsec.nm_linear(torch.randn(1, 8), torch.empty(2, 0), torch.empty(2, 4, dtype=torch.uint8),
+                                    None, 0, 0, -1.0)
+    with pytest.raises(RuntimeError, match=r"nm_linear: bias must be \[48\]"):
+        torch.ops.sparsec.nm_linear(x, v, p, torch.zeros(1), 2, 4, -1.0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh", "relu"])
 @pytest.mark.parametrize("batch", [1, 3, 16])

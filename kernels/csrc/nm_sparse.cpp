@@ -541,11 +541,16 @@ at::Tensor sparsec_nm_linear_op(const at::Tensor& x, const at::Tensor& values, c
                                 const c10::optional<at::Tensor>& bias, int64_t n, int64_t m, double thr,
                                 bool dense_copy, const c10::optional<at::Tensor>& residual) {
   const int64_t K = x.size(-1), rows = K ? x.numel() / K : 0;
+  TORCH_CHECK(n >= 1 && m > n && m <= 256, "sparsec::nm_linear: keep n of every m needs 1 <= n < m <= 256, got n=",
+              n, ", m=", m);
+  TORCH_CHECK(!std::isnan(thr), "sparsec::nm_linear: the threshold is NaN");
   TORCH_CHECK(values.dim() == 2 && values.size(1) * m == K * n, "sparsec::nm_linear: ", n, ":", m,
               " values of shape ", values.sizes(), " do not fit ", K, " input features");
+  check_packed(values, positions, n, m, K);  // the kernels index positions by row: a short one is read past its end
+  TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == values.size(0)), "sparsec::nm_linear: bias must be [",
+              values.size(0), "], got ", bias->sizes());
   if (dense_copy && rows > 0 && x.device().is_cpu() && unpack_on_cpu(values, positions) &&
       values.scalar_type() == x.scalar_type() && dense_copy_wins(x.scalar_type(), rows)) {
-    check_packed(values, positions, n, m, K);
     auto dense = dense_copy_of(values, positions, n, m, K);
     return sparsec_add_residual(at::linear(sparsec_threshold_ref(x, thr), dense, bias), residual, "nm_linear");
   }
