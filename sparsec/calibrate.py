@@ -9,6 +9,7 @@ eager mode (the block modules are run with thresholds applied to their linears' 
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -201,6 +202,11 @@ def calibrate(model: torch.nn.Module, batches: Iterable, recipe: Any = "teal-50"
             n_hold = max(n_hold, min(getattr(cfg, "greedy_batches", 1), len(batches) - 1))
     hist_batches = batches[: len(batches) - n_hold]
     held_out = batches[len(batches) - n_hold :] or batches[:1]
+    if not n_hold and any(getattr(c, "allocation", None) == "greedy" and getattr(c, "mode", None) != "cats"
+                          for c in todo.values()):
+        warnings.warn("sparsec.calibrate: greedy allocation scores its steps on held-out batches, and there are "
+                      "none (one batch, or greedy_batches: 0): it scores on a histogram batch and may overfit it. "
+                      "Give two or more batches.", stacklevel=2)
 
     bins = max(getattr(c, "bins", 4096) for c in todo.values())
     found: dict[str, dict[str, object]] = {n: {} for n in todo}  # pass -> site key -> site
@@ -218,11 +224,11 @@ def calibrate(model: torch.nn.Module, batches: Iterable, recipe: Any = "teal-50"
         return ctx.gm
 
     def collect(net, desc):
-        col, compiled = Collector(bins=bins), torch.compile(net, backend=probe_backend)
+        col, compiled = Collector(bins=bins), torch.compile(_fresh_entry(), backend=probe_backend)
         with torch.no_grad(), col:
             for batch in tqdm(hist_batches, desc=desc, unit="batch", disable=not progress):
                 args, kwargs = split_batch(batch)
-                compiled(*args, **kwargs)
+                compiled(net, args, kwargs)
         return col
 
     collector = collect(model, "sparsec calibrate")
@@ -261,6 +267,26 @@ def calibrate(model: torch.nn.Module, batches: Iterable, recipe: Any = "teal-50"
                 cfg = type(cfg)(**{**cfg.__dict__, "allocation": "uniform"})
         plan.sites.update(p.plan_entries(sites, cfg, hists, scorer))
     return plan
+
+
+_entries = itertools.count()
+
+
+def _fresh_entry():
+    """``model(*args, **kwargs)`` as a function with a code object of its own.
+
+    Dynamo keeps compiled graphs, and counts recompiles against ``recompile_limit`` (8), per
+    code object. ``torch.compile(model)`` compiles ``nn.Module.__call__``, whose code every
+    module shares: each calibration's probed graphs used up that budget, so the ninth
+    calibration in a process got no histograms ("calibration data never reached the sites")
+    and the user's own compiles after it ran eagerly. These graphs live and die with this
+    code object instead."""
+
+    def entry(model, args, kwargs):
+        return model(*args, **kwargs)
+
+    entry.__code__ = entry.__code__.replace(co_name=f"sparsec_calibrate_{next(_entries)}")
+    return entry
 
 
 def with_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> torch.nn.Module:

@@ -218,3 +218,25 @@ def test_compile_without_plan_calibrates_with_warning(tiny, tiny_batches):
         with torch.no_grad():
             torch.compile(tiny, backend="sparsec", options={"recipe": "teal-40", "dense_backend": "eager"})(tiny_batches[0])
     assert sparsec.counters["activation_threshold"]["sites_rewritten"] == 14  # uniform: every site
+
+
+def test_greedy_with_one_batch_warns_of_no_held_out_data(tiny, tiny_batches):
+    recipe = {"passes": {"activation_threshold": {"mode": "teal", "sparsity": 0.4, "allocation": "greedy"}}}
+    with pytest.warns(UserWarning, match="greedy allocation scores its steps on held-out batches, and there are none"):
+        sparsec.calibrate(tiny, tiny_batches[:1], recipe, progress=False)
+
+
+def test_many_calibrations_leave_torch_compile_alone(tiny, tiny_batches):
+    """Calibration probes through torch.compile; its graphs must not use up dynamo's per-code
+    recompile budget (8), which torch.compile(module) shares across every module: the ninth
+    calibration came back without histograms, and the user's own compiles then ran eagerly."""
+    for _ in range(10):
+        assert len(sparsec.calibrate(tiny, tiny_batches[:2], "teal-40-uniform", progress=False).sites) == 14
+    calls = []
+
+    def backend(gm, example_inputs):
+        calls.append(gm)
+        return gm
+
+    torch.compile(nn.Linear(4, 4), backend=backend)(torch.randn(2, 4))
+    assert calls  # compiled, not skipped for the recompile limit
