@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from sparsec.errors import PlanError, RecipeError
+from sparsec.errors import PassError, PlanError, RecipeError
 from sparsec.hookspecs import hookimpl
 from sparsec.passbase import GraphContext, Pass, Site, block_of, path_matches
 
@@ -143,9 +143,15 @@ def sparsegpt_prune(w: torch.Tensor, H: torch.Tensor, cfg: NMWeightsConfig) -> t
     H[dead, dead] = 1
     W[:, dead] = 0
     H += cfg.damp * torch.mean(torch.diag(H)) * torch.eye(cols, dtype=H.dtype)
-    L = torch.linalg.cholesky(H)
-    Hinv = torch.cholesky_inverse(L)
-    Hinv = torch.linalg.cholesky(Hinv, upper=True)
+    try:
+        L = torch.linalg.cholesky(H)
+        Hinv = torch.cholesky_inverse(L)
+        Hinv = torch.linalg.cholesky(Hinv, upper=True)
+    except torch.linalg.LinAlgError:
+        # H = X^T X is singular when the calibration tokens are fewer than the inputs; the
+        # damping is what makes it invertible
+        raise PassError(f"sparsegpt: the {cols}x{cols} Hessian is not positive definite with damp={cfg.damp}; "
+                        "raise damp (0.01 is SparseGPT's) or calibrate on more tokens") from None
     mask = torch.zeros_like(W, dtype=torch.bool)  # True = pruned
     bs = cfg.blocksize
     if cfg.structure == "nm":

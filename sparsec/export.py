@@ -37,6 +37,8 @@ def export(
     """
     if plan is None and recipe is None:
         raise ValueError("sparsec.export: give a plan (sparsec.calibrate) or a recipe")
+    if plan is not None and recipe is not None:
+        raise RecipeError("sparsec.export: give a plan or a recipe, not both (a plan carries its recipe)")
     if on_plugin_error not in ("raise", "skip"):  # before any calibration
         raise RecipeError(f"sparsec.export: on_plugin_error must be 'raise' or 'skip', got {on_plugin_error!r}")
     if isinstance(plan, (str, Path)):

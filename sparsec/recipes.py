@@ -210,6 +210,15 @@ class CompileOptions:
             raise RecipeError(f"sparsec compile options: kernels must be 'auto' or 'reference', got {opts.kernels!r}")
         if opts.recipe is None and opts.plan is None:
             raise RecipeError("sparsec compile options: give a 'recipe' (e.g. 'teal-40') or a calibrated 'plan'")
+        if opts.plan is not None:
+            from .plan import Plan
+
+            if not isinstance(opts.plan, (Plan, str, os.PathLike)):
+                raise RecipeError(f"sparsec compile options: plan must be a sparsec.Plan or the path of a saved one, "
+                                  f"got {type(opts.plan).__name__}")
+            if opts.recipe is not None:
+                raise RecipeError("sparsec compile options: give a 'recipe' or a 'plan', not both (a plan carries "
+                                  "the recipe it was calibrated with)")
         return opts
 
 

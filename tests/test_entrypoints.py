@@ -59,7 +59,7 @@ def test_export_with_recipe_calibrates_on_args_and_kwargs(tiny):
     ids = torch.randint(0, 256, (2, 13))
     mask = torch.ones(2, 13, dtype=torch.long)
     with pytest.warns(sparsec.SparsecNotice, match="calibrating on the export inputs"):
-        ep = sparsec.export(tiny, (ids,), {"attention_mask": mask}, recipe="teal-40")
+        ep = sparsec.export(tiny, (ids,), {"attention_mask": mask}, recipe="teal-40-uniform")
     assert sum("sparsec.threshold_linear" in str(n.target) for n in ep.graph.nodes) == 14
     with torch.no_grad():
         out = ep.module()(ids, attention_mask=mask).logits

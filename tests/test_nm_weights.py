@@ -470,3 +470,13 @@ def test_two_checkpoints_with_their_own_plans(tiny_batches):
                 for m, p in zip(models, plans)]
         for out, m, p in zip(outs, models, plans):
             torch.testing.assert_close(out, _dense_reference(m, p)(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_sparsegpt_without_damping_on_few_tokens_says_so():
+    from sparsec.errors import PassError
+
+    X = torch.randn(8, 32)  # 8 tokens, 32 inputs: X^T X has rank 8
+    cfg = NMWeightsConfig(method="sparsegpt", damp=0.0)
+    with pytest.raises(PassError, match="not positive definite with damp=0.0; raise damp"):
+        sparsegpt_prune(torch.randn(16, 32), X.T @ X, cfg)
+    sparsegpt_prune(torch.randn(16, 32), X.T @ X, NMWeightsConfig(method="sparsegpt"))  # the default damping copes

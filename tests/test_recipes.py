@@ -47,6 +47,8 @@ BAD_OPTIONS = [
     ({}, r"give a 'recipe' \(e.g. 'teal-40'\) or a calibrated 'plan'"),
     ({"recipe": "teal-40", "on_plugin_error": "ignore"}, r"on_plugin_error must be 'raise' or 'skip'"),
     ({"recipe": "teal-40", "dense_backend": "tvm"}, r"dense_backend must be 'inductor' or 'eager'"),
+    ({"plan": {"sites": {}}}, r"plan must be a sparsec.Plan or the path of a saved one, got dict"),
+    ({"recipe": "teal-40", "plan": "p.sparsec"}, r"give a 'recipe' or a 'plan', not both"),
 ]
 
 
