@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu
-from .cpu import empty_huge
+from .cpu import empty_huge, version_of
 
 #: tokens per call up to which the sparse kernels run (the issue's decode range, batch 1-16)
 MAX_KERNEL_ROWS = 16
@@ -161,11 +161,11 @@ _TRANSPOSED = torch.utils.weak.WeakIdKeyDictionary()
 def transposed(w: torch.Tensor) -> torch.Tensor:
     """``w.t().contiguous()``, made once per weight and remade when the weight changes."""
     hit = _TRANSPOSED.get(w)
-    if hit is not None and hit[0] == w._version and hit[1] == w.data_ptr():
+    if hit is not None and hit[0] == version_of(w) and hit[1] == w.data_ptr():
         return hit[2]
     wt = w.detach().t()
     wt = empty_huge(wt.shape, wt.dtype).copy_(wt) if wt.device.type == "cpu" else wt.contiguous()
-    _TRANSPOSED[w] = (w._version, w.data_ptr(), wt)
+    _TRANSPOSED[w] = (version_of(w), w.data_ptr(), wt)
     return wt
 
 

@@ -55,6 +55,13 @@ _info: dict[str, dict] = {}
 _registered: list[str] = []
 
 
+def version_of(t: torch.Tensor) -> int:
+    """``t._version``; -1 for inference tensors, which keep no version counter (reading it
+    raises). They change only inside ``torch.inference_mode``, where a weight update is not
+    seen: a model built there runs on the copies made at compile time."""
+    return -1 if t.is_inference() else t._version
+
+
 def isa() -> str:
     """The instruction set the kernels are built for on this machine."""
     env = os.environ.get("SPARSEC_CPU_ISA")

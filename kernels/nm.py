@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import cpu
+from .cpu import version_of
 
 __all__ = ["bits_for", "nm_mask", "pack", "unpack", "nm_linear_reference", "check_nm", "semi_structured_route"]
 
@@ -171,7 +172,7 @@ _DENSE: WeakIdKeyDictionary = WeakIdKeyDictionary()  # the GPU's dense_copy
 
 
 def _cached(cache: WeakIdKeyDictionary, values, positions, tag, make):
-    key = (values._version, positions._version, positions.data_ptr(), tag)
+    key = (version_of(values), version_of(positions), positions.data_ptr(), tag)
     hit = cache.get(values)
     if hit is not None and hit[0] == key:
         return hit[1]

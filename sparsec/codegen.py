@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from sparsec.kernels.cpu import empty_huge
+from sparsec.kernels.cpu import empty_huge, version_of
 
 from .passbase import GraphContext
 
@@ -55,15 +55,15 @@ class Prepared:
         return self.sources[0][1]
 
     def stale(self) -> bool:
-        return any(w._version != v for _, w, _, _, v in self.sources)
+        return any(version_of(w) != v for _, w, _, _, v in self.sources)
 
     def refresh_if_stale(self) -> bool:
         changed = False
         for i, (fqn, w, c0, c1, v) in enumerate(self.sources):
-            if w._version != v:
+            if version_of(w) != v:
                 with torch.no_grad():
                     self.buffer[:, c0:c1].copy_(w.detach().t())
-                self.sources[i] = (fqn, w, c0, c1, w._version)
+                self.sources[i] = (fqn, w, c0, c1, version_of(w))
                 changed = True
         return changed
 
@@ -104,7 +104,7 @@ def lower(ctx: GraphContext) -> list[Prepared]:
                 buf = torch.cat(parts, dim=1)
             sources, c = [], 0
             for f, w in fqns_weights:
-                sources.append((f, w, c, c + w.shape[0], w._version))
+                sources.append((f, w, c, c + w.shape[0], version_of(w)))
                 c += w.shape[0]
             gm.register_buffer(attr, buf)
             made[key] = (attr, Prepared("+".join(key), buf, sources))
@@ -241,7 +241,7 @@ class RefreshingCallable:
         self.prepared = prepared
         # one flat list compare per call: a decode step calls this once per token, and a
         # per-weight Python check over SmolLM2's 120 prepared weights cost ~0.1 ms of a 66 ms token
-        self._weights = [w for p in prepared for _, w, _, _, _ in p.sources]
+        self._weights = [w for p in prepared for _, w, _, _, _ in p.sources if not w.is_inference()]
         self._versions = [w._version for w in self._weights]
 
     def __call__(self, *args):

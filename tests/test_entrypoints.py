@@ -198,3 +198,15 @@ def test_plan_less_options_never_run_another_models_calibration(tiny_batches):
     torch.testing.assert_close(reused, dense)
     torch.testing.assert_close(own, fresh, rtol=0, atol=0)
     assert (own - dense).abs().max() > 1e-3  # b's own 2:4 weights, not dense and not a's
+
+
+def test_model_built_under_inference_mode(tiny, tiny_plan):
+    """Weights made under torch.inference_mode keep no version counter (reading it raises):
+    the compiled model treats them as fixed instead of failing."""
+    from sparsec.models.llama import tiny_llama
+
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.inference_mode():
+        m = tiny_llama()  # the same weights as ``tiny``, as inference tensors
+        out = torch.compile(m, backend="sparsec", options={"plan": tiny_plan})(ids).logits
+    torch.testing.assert_close(out, masked_dense(tiny, tiny_plan, ids), atol=1e-4, rtol=1e-4)

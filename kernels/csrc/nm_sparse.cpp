@@ -487,7 +487,10 @@ std::unordered_map<const c10::TensorImpl*, DenseCopy> dense_copies;
 
 at::Tensor dense_copy_of(const at::Tensor& values, const at::Tensor& positions, int64_t n, int64_t m, int64_t K) {
   const auto* key = values.unsafeGetTensorImpl();
-  const uint32_t vv = values._version(), pv = positions._version();
+  // inference tensors keep no version counter (reading it throws): as in kernels/cpu.py's
+  // version_of, they count as never changing
+  auto version = [](const at::Tensor& t) { return t.is_inference() ? uint32_t(-1) : t._version(); };
+  const uint32_t vv = version(values), pv = version(positions);
   {
     std::lock_guard<std::mutex> g(dense_copies_mu);
     auto it = dense_copies.find(key);
