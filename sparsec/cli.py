@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -174,7 +175,9 @@ def cmd_demo(a) -> int:
         sparse_ppl = perplexity(compiled, ev, progress=True, desc="sparsec perplexity (compiles first)")
     print(f"[{time.time() - t0:5.0f}s] compiled with backend='sparsec' and evaluated\n", flush=True)
     print(sparsec.report(compiled))
-    if a.plot:
+    if a.plot and importlib.util.find_spec("matplotlib") is None:
+        print("(no per-site plot: matplotlib is not installed; pip install 'sparsec[plot]')")
+    elif a.plot:
         sparsec.report(compiled).plot(a.plot)
         print(f"per-site sparsity plot: {a.plot}")
     print(f"\nperplexity on {len(ev)} evaluation windows of {a.length} tokens (pydoc text, second half):")

@@ -82,7 +82,9 @@ class Report:
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
         except ImportError:
-            raise RuntimeError("Report.plot needs matplotlib: pip install 'sparsec[plot]'") from None
+            from .errors import SparsecError
+
+            raise SparsecError("Report.plot needs matplotlib: pip install 'sparsec[plot]'") from None
         path = Path(path)
         fig, ax = plt.subplots(figsize=(max(6, 0.12 * len(self.rows) + 4), 4))
         x = range(len(self.rows))

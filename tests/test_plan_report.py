@@ -112,3 +112,13 @@ def test_report_cats_bytes(tiny, tiny_batches):
     # gate read densely (1/3 of the MLP bytes), up and down at (1 - measured sparsity)
     expected = row["bytes_dense"] / 3 + row["bytes_dense"] * 2 / 3 * (1 - row["measured"])
     assert row["bytes_sparse"] == pytest.approx(expected, rel=1e-3)
+
+
+def test_plot_without_matplotlib_names_the_extra(monkeypatch, tiny_plan, tmp_path):
+    import sys
+
+    from sparsec.errors import SparsecError
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    with pytest.raises(SparsecError, match=r"pip install 'sparsec\[plot\]'"):
+        sparsec.report(tiny_plan).plot(tmp_path / "p.png")
