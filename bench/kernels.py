@@ -199,14 +199,8 @@ def main() -> None:
     ext = cpu.extension()
     info = cpu.build_info()
     print(f"# sparsec C++ kernels: {info}; threads={a.threads}; reps={a.reps}; torch {torch.__version__}")
-    if a.cats:
-        rows = bench_cats(a)
-        if a.json:
-            with open(a.json, "w") as f:
-                json.dump({"build": info, "threads": a.threads, "rows": rows}, f, indent=1)
-        return
-    if a.nm:
-        rows = bench_nm(a)
+    if a.cats or a.nm:
+        rows = bench_cats(a) if a.cats else bench_nm(a)
         if a.json:
             with open(a.json, "w") as f:
                 json.dump({"build": info, "threads": a.threads, "rows": rows}, f, indent=1)
