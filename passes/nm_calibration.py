@@ -65,7 +65,7 @@ def calibrate_nm(pass_, model, sites, cfg, batches, progress):
     entries, tensors = {}, {}
 
     def add(s, pruned, keep):
-        e, t = pass_.entry(s, cfg, pruned, keep)
+        e, t = pass_.entry(s, cfg, pruned, keep, original=model.get_parameter(s.weights["weight"]))
         entries[s.key] = e
         tensors.update(t)
 

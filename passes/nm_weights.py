@@ -305,13 +305,16 @@ class NMWeights(Pass):
             else:
                 keep = _mask(wanda_scores(w, stats[s.key]) if config.method == "wanda" else w.abs(), config)
                 pruned = w * keep
-            e, t = self.entry(s, config, pruned, keep)
+            e, t = self.entry(s, config, pruned, keep, original=w)
             entries[s.key] = e
             tensors.update(t)
         return entries, tensors
 
-    def entry(self, s: Site, config: NMWeightsConfig, pruned: torch.Tensor, keep: torch.Tensor):
-        """The plan entry and tensors of one site from its pruned weight and keep-mask."""
+    def entry(self, s: Site, config: NMWeightsConfig, pruned: torch.Tensor, keep: torch.Tensor,
+              original: torch.Tensor | None = None):
+        """The plan entry and tensors of one site from its pruned weight and keep-mask;
+        ``original``: the dense weight it was pruned from (sampled, so that the plan refuses
+        to run on another checkpoint)."""
         from sparsec.kernels.nm import pack
 
         w = pruned.detach().contiguous()
@@ -329,6 +332,8 @@ class NMWeights(Pass):
                  "method": config.method, "sparsity": config.removed, "measured_sparsity": removed,
                  "block": s.block, "weights": s.weights, "weight_shapes": s.weight_shapes,
                  "weight_bytes": s.weight_bytes, "compressed_bytes": int(comp)}
+        if original is not None:
+            entry["weight_sample"] = weight_sample(original)
         return entry, tensors
 
     # -- rewrite ----------------------------------------------------------------------------------
@@ -342,6 +347,7 @@ class NMWeights(Pass):
         groups: dict[tuple, list] = {}
         for s in sites:
             e = plan.entry_for(s)
+            _check_checkpoint(ctx, s, e)
             old = s.nodes["linear"]
             x, w, b, t = _weight_of(ctx, old)
             if e.get("structure", "nm") != "nm":
@@ -415,6 +421,30 @@ def _drop_dense_copy(impl: int) -> None:
         ext = cpu.loaded()  # not loaded: no copy was ever made
         if ext is not None:
             ext.nm_drop_dense_copy(impl)
+
+
+def weight_sample(w: torch.Tensor, k: int = 16) -> list[float]:
+    """``k`` values of ``w`` at fixed, spread-out flat positions: a fingerprint of the dense
+    weight a plan's N:M weights were made from."""
+    flat = w.detach().reshape(-1)
+    idx = torch.linspace(0, flat.numel() - 1, k).round().long().unique()
+    return [float(v) for v in flat[idx].float().cpu()]
+
+
+def _check_checkpoint(ctx: GraphContext, s: Site, e: dict) -> None:
+    """An N:M plan *replaces* the weights of its sites: applied to another checkpoint of the
+    architecture (a fine-tune, say), it would silently run the calibrated one's weights."""
+    want = e.get("weight_sample")
+    w = ctx.tensors.get(e["weights"]["weight"])
+    if want is None or w is None or w.device.type == "meta" or isinstance(w, torch._subclasses.FakeTensor):
+        return  # a plan from before fingerprints, or no concrete weight to compare
+    got = weight_sample(w)
+    # the plan's sample in the model's dtype: a bf16 copy of the calibrated fp32 model matches
+    want = [float(v) for v in torch.tensor(want, dtype=torch.float64).to(w.dtype).float()]
+    if got != want:
+        raise PlanError(f"the plan's N:M weights for {s.key!r} were made from another checkpoint: the model's "
+                        f"weight differs from the one calibrated (e.g. {got[0]:.6g} vs {want[0]:.6g} at its "
+                        "first element). Calibrate this model: sparsec.calibrate(model, batches, recipe)")
 
 
 def _constant(ctx: GraphContext, key: str, value: torch.Tensor, like: fx.Node | None = None) -> fx.Node:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsec
-from sparsec.errors import RecipeError
+from sparsec.errors import PlanError, RecipeError
 from sparsec.kernels import nm
 from sparsec.models.llama import tiny_llama
 from sparsec.passes.nm_weights import NMWeightsConfig, sparsegpt_prune
@@ -480,3 +480,23 @@ def test_sparsegpt_without_damping_on_few_tokens_says_so():
     with pytest.raises(PassError, match="not positive definite with damp=0.0; raise damp"):
         sparsegpt_prune(torch.randn(16, 32), X.T @ X, cfg)
     sparsegpt_prune(torch.randn(16, 32), X.T @ X, NMWeightsConfig(method="sparsegpt"))  # the default damping copes
+
+
+def test_nm_plan_refuses_another_checkpoint(tiny_batches):
+    """An N:M plan replaces its sites' weights, so applied to another checkpoint of the
+    architecture it would silently run the calibrated one's: it says so instead. A bf16 copy
+    of the calibrated model is the same checkpoint and runs."""
+    recipe = {"passes": {"nm_weights": {"n": 2, "m": 4, "method": "wanda"}}}
+    model = tiny_llama(seed=0)
+    plan = sparsec.calibrate(model, tiny_batches, recipe, progress=False)
+    ids = tiny_batches[0]
+    other = tiny_llama(seed=1)
+    with pytest.raises(PlanError, match="made from another checkpoint"):
+        sparsec.export(other, (ids,), plan=plan)
+    with pytest.raises(Exception, match="made from another checkpoint"), torch.no_grad():
+        torch.compile(other, backend="sparsec", options={"plan": plan, "dense_backend": "eager"})(ids)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    with torch.no_grad():
+        out = torch.compile(half, backend="sparsec", options={"plan": plan, "dense_backend": "eager"})(ids).logits
+        ref = _dense_reference(model, plan)(ids).logits
+    torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.05)  # bf16 vs fp32 over two layers
