@@ -427,8 +427,11 @@ def weight_sample(w: torch.Tensor, k: int = 16) -> list[float]:
     """``k`` values of ``w`` at fixed, spread-out flat positions: a fingerprint of the dense
     weight a plan's N:M weights were made from."""
     flat = w.detach().reshape(-1)
-    idx = torch.linspace(0, flat.numel() - 1, k).round().long().unique()
-    return [float(v) for v in flat[idx].float().cpu()]
+    n = flat.numel()
+    # integer positions, the same on every machine and torch version (a float linspace rounds
+    # differently above 2^24 elements)
+    idx = sorted({i * (n - 1) // (k - 1) for i in range(k)}) if n else []
+    return [float(v) for v in flat[torch.tensor(idx, dtype=torch.long)].float().cpu()]
 
 
 def _check_checkpoint(ctx: GraphContext, s: Site, e: dict) -> None:
