@@ -276,18 +276,19 @@ def main(argv: list[str] | None = None) -> int:
 
     _setup()
     a = build_parser().parse_args(argv)
+    user_errors = (SparsecError, ValueError, FileNotFoundError)
     try:
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", category=FutureWarning)
-                return a.fn(a) or 0
-        except Exception as exc:
-            # torch.compile wraps what the backend raised (a PlanError, say) in its own
-            # BackendCompilerFailed, with the full compile traceback: report the cause
-            inner = getattr(exc, "inner_exception", None)
-            raise inner if isinstance(inner, (SparsecError, ValueError, FileNotFoundError)) else exc
-    except (SparsecError, ValueError, FileNotFoundError) as exc:
-        print(f"sparsec: error: {exc}", file=sys.stderr)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            return a.fn(a) or 0
+    except Exception as exc:
+        # torch.compile wraps what the backend raised (a PlanError, say) in its own
+        # BackendCompilerFailed, with the full compile traceback: report the cause
+        cause = getattr(exc, "inner_exception", None)
+        err = cause if isinstance(cause, user_errors) else exc
+        if not isinstance(err, user_errors):
+            raise
+        print(f"sparsec: error: {err}", file=sys.stderr)
         return 2
 
 

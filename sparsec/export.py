@@ -11,11 +11,11 @@ import torch
 from .backend import SparsecNotice
 from .calibrate import ArgsKwargs, calibrate
 from .capture import capture_export
+from .errors import RecipeError
 from .plan import Plan
 from .pipeline import run_pipeline
 from .plugins import get_registry
-from .errors import RecipeError
-from .recipes import resolve_recipe
+from .recipes import check_on_plugin_error, resolve_recipe
 
 __all__ = ["export"]
 
@@ -39,8 +39,7 @@ def export(
         raise ValueError("sparsec.export: give a plan (sparsec.calibrate) or a recipe")
     if plan is not None and recipe is not None:
         raise RecipeError("sparsec.export: give a plan or a recipe, not both (a plan carries its recipe)")
-    if on_plugin_error not in ("raise", "skip"):  # before any calibration
-        raise RecipeError(f"sparsec.export: on_plugin_error must be 'raise' or 'skip', got {on_plugin_error!r}")
+    check_on_plugin_error(on_plugin_error, "sparsec.export")  # before any calibration
     if isinstance(plan, (str, Path)):
         plan = Plan.load(plan)
     if plan is None:

@@ -16,6 +16,7 @@ import torch.fx as fx
 from .errors import PassError, PluginError, SparsecError
 from .passbase import GraphContext, Site
 from .plugins import Registry, get_registry
+from .recipes import check_on_plugin_error
 
 __all__ = ["run_pipeline", "order_passes", "counters", "PipelineResult", "insert_probes", "Collector"]
 
@@ -83,10 +84,7 @@ def run_pipeline(ctx: GraphContext, recipe, plan, *, on_plugin_error: str = "rai
     Each pass matches its sites (without touching the graph), checks them against the plan,
     then rewrites. The graph is linted and recompiled once at the end.
     """
-    if on_plugin_error not in ("raise", "skip"):
-        from .errors import RecipeError
-
-        raise RecipeError(f"on_plugin_error must be 'raise' or 'skip', got {on_plugin_error!r}")
+    check_on_plugin_error(on_plugin_error, "run_pipeline")
     reg = registry or get_registry()
     ddir, gid = _debug_dir(), next(_graph_ids)
     result = PipelineResult(modified=False)

@@ -106,8 +106,8 @@ class Plan:
         version = doc.get("format_version")
         if version != FORMAT_VERSION:
             raise PlanError(f"plan {str(path)!r} has format version {version}; this sparsec reads version {FORMAT_VERSION}")
-        for key, kind in (("recipe", dict), ("sites", dict), ("meta", dict)):
-            if not isinstance(doc.get(key, {}), kind) or (key != "meta" and key not in doc):
+        for key in ("recipe", "sites", "meta"):  # meta may be absent
+            if not isinstance(doc.get(key, {} if key == "meta" else None), dict):
                 raise PlanError(f"{str(path / 'plan.json')!r} is damaged: {key!r} is missing or not an object")
         tensors = {}
         if (path / "tensors.safetensors").exists():

@@ -171,6 +171,11 @@ def resolve_recipe(recipe: Any, registry=None) -> Recipe:
     return Recipe(name=str(data.get("name", name)), passes=configs, description=str(data.get("description", "")))
 
 
+def check_on_plugin_error(value: Any, where: str) -> None:
+    if value not in ("raise", "skip"):
+        raise RecipeError(f"{where}: on_plugin_error must be 'raise' or 'skip', got {value!r}")
+
+
 @dataclass
 class CompileOptions:
     """``torch.compile(..., backend="sparsec", options={...})``.
@@ -202,8 +207,7 @@ class CompileOptions:
             if key not in names:
                 raise RecipeError(f"sparsec compile options: unknown option {key!r}{did_you_mean(str(key), names)}")
         opts = cls(**options)
-        if opts.on_plugin_error not in ("raise", "skip"):
-            raise RecipeError(f"sparsec compile options: on_plugin_error must be 'raise' or 'skip', got {opts.on_plugin_error!r}")
+        check_on_plugin_error(opts.on_plugin_error, "sparsec compile options")
         if opts.dense_backend not in ("inductor", "eager"):
             raise RecipeError(f"sparsec compile options: dense_backend must be 'inductor' or 'eager', got {opts.dense_backend!r}")
         if opts.kernels not in ("auto", "reference"):

@@ -37,6 +37,7 @@ at::Tensor sparsec_nm_linear_op(const at::Tensor& x, const at::Tensor& values, c
                                 const c10::optional<at::Tensor>& bias, int64_t n, int64_t m, double thr,
                                 bool dense_copy, const c10::optional<at::Tensor>& residual);
 at::Tensor sparsec_add_residual(at::Tensor y, const c10::optional<at::Tensor>& residual, const char* op);
+void sparsec_check_vector(const c10::optional<at::Tensor>& t, int64_t n, const char* op, const char* what);
 bool sparsec_cpu_has_amx_bf16();
 int64_t sparsec_nm_dense_copies(bool drop_dead);
 bool sparsec_nm_drop_dense_copy(int64_t impl);
@@ -638,19 +639,13 @@ std::vector<int64_t> out_sizes(const at::Tensor& x, int64_t n) {
   return s;
 }
 
-void check_vector(const c10::optional<at::Tensor>& t, int64_t n, const char* op, const char* what) {
-  TORCH_CHECK(!t || (t->dim() == 1 && t->size(0) == n), "sparsec::", op, ": ", what, " must be [", n, "], got ",
-              t->sizes());
-}
-
 at::Tensor sparse_linear_op(const at::Tensor& x, const at::Tensor& wt, const c10::optional<at::Tensor>& bias,
                             double thr, const c10::optional<at::Tensor>& weight,
                             const c10::optional<at::Tensor>& residual, const c10::optional<at::TensorList>& group) {
   const int64_t K = x.size(-1), rows = K ? x.numel() / K : 0;
   TORCH_CHECK(wt.dim() == 2 && wt.size(0) == K, "sparsec::sparse_linear: weight_t must be [", K, ", out], got ",
               wt.sizes());
-  // the kernels read bias[0:out] as a flat array: a broadcastable [1] or [rows, out] would be misread
-  check_vector(bias, wt.size(1), "sparse_linear", "bias");
+  sparsec_check_vector(bias, wt.size(1), "sparse_linear", "bias");
   TORCH_CHECK(!std::isnan(thr), "sparsec::sparse_linear: the threshold is NaN");
   if (!kernel_ok(x, {&wt, bias ? &*bias : nullptr}, rows))  // prefill: GEMM, on the original layout if given
     return sparsec_add_residual(dense_linear(threshold_ref(x, thr), wt, bias, weight, group), residual,
@@ -707,9 +702,9 @@ at::Tensor sparse_cats_mlp_op(const at::Tensor& x, const at::Tensor& gw, const c
                   uw.size(0) == gw.size(0) && dwt.size(0) == gw.size(0),
               "sparsec::sparse_cats_mlp: gate ", gw.sizes(), ", up ", uw.sizes(), " and down_t ", dwt.sizes(),
               " do not fit ", H, " input features");
-  check_vector(gb, gw.size(0), "sparse_cats_mlp", "gate_bias");
-  check_vector(ub, uw.size(0), "sparse_cats_mlp", "up_bias");
-  check_vector(db, dwt.size(1), "sparse_cats_mlp", "down_bias");
+  sparsec_check_vector(gb, gw.size(0), "sparse_cats_mlp", "gate_bias");
+  sparsec_check_vector(ub, uw.size(0), "sparse_cats_mlp", "up_bias");
+  sparsec_check_vector(db, dwt.size(1), "sparse_cats_mlp", "down_bias");
   TORCH_CHECK(!std::isnan(thr), "sparsec::sparse_cats_mlp: the threshold is NaN");
   // the dense paths multiply by the original [hidden, inter] down weight when the graph passes
   // it: oneDNN's bf16 GEMM on the transposed copy took 1.7-2x as long (4096x11008, 4-16 rows)

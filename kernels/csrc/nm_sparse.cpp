@@ -532,6 +532,13 @@ int64_t sparsec_nm_dense_copies(bool drop_dead) {
 // The residual-add epilogue (sparsec.codegen fuses ``residual + op(...)`` into the op): added in
 // place to the op's fresh output, so no second output tensor. The shapes must match exactly
 // (codegen fuses only same-shape, same-dtype adds): a broadcast here would be a silent change.
+// A bias (or other per-output vector) the kernels read as a flat [n] array: a broadcastable
+// [1] or [rows, n] one would be read past its end or misread, so it must be exactly [n].
+void sparsec_check_vector(const c10::optional<at::Tensor>& t, int64_t n, const char* op, const char* what) {
+  TORCH_CHECK(!t || (t->dim() == 1 && t->size(0) == n), "sparsec::", op, ": ", what, " must be [", n, "], got ",
+              t->sizes());
+}
+
 at::Tensor sparsec_add_residual(at::Tensor y, const c10::optional<at::Tensor>& residual, const char* op) {
   if (!residual) return y;
   TORCH_CHECK(residual->sizes() == y.sizes() && residual->scalar_type() == y.scalar_type(), "sparsec::", op,
@@ -550,8 +557,7 @@ at::Tensor sparsec_nm_linear_op(const at::Tensor& x, const at::Tensor& values, c
   TORCH_CHECK(values.dim() == 2 && values.size(1) * m == K * n, "sparsec::nm_linear: ", n, ":", m,
               " values of shape ", values.sizes(), " do not fit ", K, " input features");
   check_packed(values, positions, n, m, K);  // the kernels index positions by row: a short one is read past its end
-  TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == values.size(0)), "sparsec::nm_linear: bias must be [",
-              values.size(0), "], got ", bias->sizes());
+  sparsec_check_vector(bias, values.size(0), "nm_linear", "bias");
   if (dense_copy && rows > 0 && x.device().is_cpu() && unpack_on_cpu(values, positions) &&
       values.scalar_type() == x.scalar_type() && dense_copy_wins(x.scalar_type(), rows)) {
     auto dense = dense_copy_of(values, positions, n, m, K);
