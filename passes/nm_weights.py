@@ -348,6 +348,9 @@ class NMWeights(Pass):
         for s in sites:
             e = plan.entry_for(s)
             _check_checkpoint(ctx, s, e)
+            # the graph runs the plan's weights from here on: a later call with another weight
+            # (a second checkpoint reusing the compiled code, an in-place update) must refuse
+            ctx.pin_weight(e["weights"]["weight"], f"the plan's pruned weights for {s.key!r}")
             old = s.nodes["linear"]
             x, w, b, t = _weight_of(ctx, old)
             if e.get("structure", "nm") != "nm":

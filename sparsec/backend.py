@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .calibrate import calibrate_graph
-from .codegen import RefreshingCallable, lower
+from .codegen import Pinned, RefreshingCallable, lower, weight_digest
 from .capture import capture_dynamo
 from .plan import Plan
 from .pipeline import run_pipeline
@@ -36,9 +36,15 @@ class SparsecNotice(UserWarning):
 #: weight tensor -> {site key: plan entry}; lets ``sparsec.report(compiled)`` find what the
 #: backend did to a model without reaching into dynamo's private state.
 _SITES = torch.utils.weak.WeakIdKeyDictionary()
-#: plans calibrated on the fly, per options dict, so recompiles reuse the same thresholds:
-#: id(options) -> (options, plan, {weight name: weakref to the tensor it was calibrated on})
-_FALLBACK_PLANS: dict[int, tuple[dict, Plan, dict[str, weakref.ref]]] = {}
+#: plans calibrated on the fly, so that recompiles (another shape) reuse the same thresholds:
+#: {a weight of the model: {id(options): (options, plan, {weight name: weakref to the tensor
+#: it was calibrated on})}}. Keyed weakly by the model's weight, so a plan lives as long as
+#: the model or the compiled code (which holds the weights), not for the whole process.
+_FALLBACK_PLANS = torch.utils.weak.WeakIdKeyDictionary()
+
+
+def _fallback_key(ctx) -> torch.Tensor | None:
+    return ctx.tensors[min(ctx.tensors)] if ctx.tensors else None
 
 
 def _reusable(prev: Plan | None, seen: dict[str, weakref.ref], recipe, ctx) -> bool:
@@ -76,23 +82,27 @@ def sparsec_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
     """The dynamo backend. ``options`` are described by ``sparsec.recipes.CompileOptions``."""
     raw = options if options is not None else {}
     opts = CompileOptions.from_dict({**raw, **kwargs})
+    # validate everything the options name before any early return: a bad recipe or plan is an
+    # error even for a graph that compiles densely (one that needs gradients, say)
+    plan = opts.plan
+    on_the_fly = plan is None
+    if isinstance(plan, (str, Path)):
+        plan = Plan.load(plan)
+    recipe = plan.recipe_obj() if plan is not None else resolve_recipe(opts.recipe)
 
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs):
         _notice("sparsec: this graph needs gradients (grad mode is on); compiled densely by Inductor. "
                 "Run under torch.no_grad() or torch.inference_mode() for sparsity.")
         return _dense(gm, example_inputs, opts)
 
-    plan = opts.plan
-    on_the_fly = plan is None
-    if isinstance(plan, (str, Path)):
-        plan = Plan.load(plan)
-    recipe = plan.recipe_obj() if plan is not None else resolve_recipe(opts.recipe)
     ctx = capture_dynamo(gm, example_inputs)
 
     reg = get_registry()
     needs_cal = any(getattr(reg.passes[n], "needs_calibration", lambda c: False)(c) for n, c in recipe.passes.items())
     if plan is None and needs_cal:
-        _, prev, seen = _FALLBACK_PLANS.get(id(raw), (None, None, {}))
+        key = _fallback_key(ctx)
+        cache = _FALLBACK_PLANS.setdefault(key, {}) if key is not None else {}
+        _, prev, seen = cache.get(id(raw), (None, None, {}))
         if not _reusable(prev, seen, recipe, ctx):
             prev, seen = None, {}
             _notice(f"sparsec: recipe {recipe.name!r} needs calibration and no plan was given: calibrating on "
@@ -100,7 +110,7 @@ def sparsec_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
                     "plan = sparsec.calibrate(model, batches, recipe); options={'plan': plan}.")
         plan = calibrate_graph(ctx, recipe, example_inputs, prev)
         seen = {**seen, **{name: weakref.ref(t) for name, t in ctx.tensors.items()}}
-        _FALLBACK_PLANS[id(raw)] = (raw, plan, seen)  # keep raw alive so its id stays unique
+        cache[id(raw)] = (raw, plan, seen)  # keep raw alive so its id stays unique
     elif plan is None:
         plan = Plan(recipe=recipe.to_dict())
 
@@ -123,8 +133,14 @@ def sparsec_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
             if t is not None and entry is not None:
                 _SITES.setdefault(t, {})[s.key] = entry
     prepared = lower(ctx) if opts.kernels == "auto" else []
+    pinned = [Pinned(fqn, ctx.tensors[fqn], weight_digest(ctx.tensors[fqn]), what)
+              for fqn, what in ctx.pinned.items() if fqn in ctx.tensors]
     compiled = _dense(ctx.gm, example_inputs, opts)
-    compiled = RefreshingCallable(compiled, prepared) if prepared else compiled
+    if prepared or pinned:
+        # the weights of the model it is called with, or a PlanError (codegen.RefreshingCallable)
+        phs = [n for n in ctx.gm.graph.nodes if n.op == "placeholder"]
+        positions = {ctx.params[n]: i for i, n in enumerate(phs) if n in ctx.params}
+        compiled = RefreshingCallable(compiled, prepared, pinned, positions)
     if on_the_fly and needs_cal:
         return _PerWeights(compiled, gm, example_inputs)
     return compiled

@@ -13,13 +13,21 @@ present, the ops of CUDA sites become their ``torch.library.triton_op`` twins
 code; CPU sites never do (tracing a Triton body needs a GPU driver).
 
 Prepared weights are copies (about 0.8x the model's linear weights, more memory). The
-compiled callable checks the weights' version counters on every call and re-copies a weight
-that was changed in place (an optimizer step, ``load_state_dict``), so results are never
-stale.
+compiled callable (``RefreshingCallable``) checks, on every call, that it got the weight
+tensors it was compiled with, unchanged (same object, version counter and data pointer).
+A weight changed in place (an optimizer step, ``load_state_dict``, ``w.data = ...``) or
+another model's weight (torch.compile shares compiled code between instances of a class,
+whose weights are graph inputs) is re-copied into the prepared buffers; a weight that a pass
+pinned (``GraphContext.pin_weight``: the plan holds its replacement) must be bit-identical to
+the compiled one or the call raises a ``PlanError``. So a compiled graph runs the weights it
+is called with, or refuses.
 """
 
 from __future__ import annotations
 
+import hashlib
+import operator
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -28,9 +36,10 @@ import torch.fx as fx
 
 from sparsec.kernels.cpu import empty_huge, version_of
 
+from .errors import PlanError
 from .passbase import GraphContext
 
-__all__ = ["Prepared", "lower", "fuse_residual_adds", "RefreshingCallable"]
+__all__ = ["Prepared", "Pinned", "lower", "fuse_residual_adds", "RefreshingCallable", "weight_digest"]
 
 # op -> (prepared twin, index of the weight that is prepared transposed)
 _LOWERINGS = {
@@ -43,7 +52,7 @@ _LOWERINGS = {
 class Prepared:
     """One prepared buffer: the transposed weights of one or more linears, side by side.
 
-    ``sources``: ``(fqn, weight, first column, last column, version)`` per weight.
+    ``sources``: ``[fqn, weight, first column, last column, version, data pointer]`` per weight.
     """
 
     fqn: str
@@ -55,17 +64,42 @@ class Prepared:
         return self.sources[0][1]
 
     def stale(self) -> bool:
-        return any(version_of(w) != v for _, w, _, _, v in self.sources)
+        return any(version_of(w) != v or w.data_ptr() != ptr for _, w, _, _, v, ptr in self.sources)
 
-    def refresh_if_stale(self) -> bool:
+    def refresh(self, weights: dict[str, torch.Tensor] | None = None) -> bool:
+        """Re-copy every source that changed: another tensor given for its FQN in ``weights``,
+        or the same tensor with another version or data pointer (``w.data = ...``)."""
         changed = False
-        for i, (fqn, w, c0, c1, v) in enumerate(self.sources):
-            if version_of(w) != v:
+        for i, (fqn, w, c0, c1, v, ptr) in enumerate(self.sources):
+            new = (weights or {}).get(fqn, w)
+            if new is not w or version_of(new) != v or new.data_ptr() != ptr:
                 with torch.no_grad():
-                    self.buffer[:, c0:c1].copy_(w.detach().t())
-                self.sources[i] = (fqn, w, c0, c1, version_of(w))
+                    self.buffer[:, c0:c1].copy_(new.detach().t())
+                self.sources[i] = [fqn, new, c0, c1, version_of(new), new.data_ptr()]
                 changed = True
         return changed
+
+    refresh_if_stale = refresh
+
+
+def weight_digest(w: torch.Tensor) -> str:
+    """A digest of a weight's bytes (dtype and shape included): equal only for equal weights."""
+    t = w.detach()
+    t = (t.cpu() if t.device.type != "cpu" else t).contiguous()
+    h = hashlib.blake2b(f"{t.dtype}{tuple(t.shape)}".encode(), digest_size=16)
+    h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+@dataclass
+class Pinned:
+    """A weight the compiled graph does not read because the plan holds its replacement
+    (``GraphContext.pin_weight``): it must stay bit-identical to the one compiled."""
+
+    fqn: str
+    weight: torch.Tensor
+    digest: str
+    replaced_by: str
 
 
 def _lowerable(op) -> tuple | None:
@@ -104,7 +138,7 @@ def lower(ctx: GraphContext) -> list[Prepared]:
                 buf = torch.cat(parts, dim=1)
             sources, c = [], 0
             for f, w in fqns_weights:
-                sources.append((f, w, c, c + w.shape[0], version_of(w)))
+                sources.append([f, w, c, c + w.shape[0], version_of(w), w.data_ptr()])
                 c += w.shape[0]
             gm.register_buffer(attr, buf)
             made[key] = (attr, Prepared("+".join(key), buf, sources))
@@ -163,7 +197,7 @@ def lower(ctx: GraphContext) -> list[Prepared]:
                 fused = graph.call_function(torch.ops.sparsec.sparse_linear.default, (x, g, None, t),
                                             {"group_weights": [node.args[1] for node, _, _ in members]})
         fused.meta.update(first.meta)
-        for (node, fqn, w), (_, _, c0, c1, _) in zip(members, prep.sources):
+        for (node, fqn, w), (_, _, c0, c1, _, _) in zip(members, prep.sources):
             if len(members) == 1:
                 out = fused
             else:
@@ -234,20 +268,76 @@ def fuse_residual_adds(gm: fx.GraphModule) -> int:
 
 
 class RefreshingCallable:
-    """The compiled graph, re-copying prepared weights whose source changed in place."""
+    """The compiled graph, run only on the weights it is called with.
 
-    def __init__(self, fn, prepared: list[Prepared]):
+    ``positions``: FQN -> index of that weight among the compiled graph's inputs. Per call,
+    the watched weights (prepared sources and pinned weights) are compared with the ones last
+    seen: the same object, version counter and data pointer. Any difference re-copies the
+    prepared buffers it feeds and checks pinned weights by their bytes (a ``PlanError`` if
+    they differ: the plan's replacement was made from another weight). Changes that none of
+    the three shows (``w.data.mul_(...)``: ``.data`` has a version counter of its own) are
+    not seen; the README's Guarantees say so.
+    """
+
+    def __init__(self, fn, prepared: list[Prepared], pinned: list[Pinned] = (), positions: dict[str, int] | None = None):
         self.fn = fn
         self.prepared = prepared
-        # one flat list compare per call: a decode step calls this once per token, and a
-        # per-weight Python check over SmolLM2's 120 prepared weights cost ~0.1 ms of a 66 ms token
-        self._weights = [w for p in prepared for _, w, _, _, _ in p.sources if not w.is_inference()]
-        self._versions = [w._version for w in self._weights]
+        self.pinned = {p.fqn: p for p in pinned}
+        watched: dict[str, torch.Tensor] = {}
+        for p in prepared:
+            for fqn, w, *_ in p.sources:
+                watched.setdefault(fqn, w)
+        for p in pinned:
+            watched.setdefault(p.fqn, p.weight)
+        positions = positions or {}
+        # weights the caller passes (dynamo: every parameter is a graph input) are checked at
+        # their positions; others (none today) only for in-place changes
+        self._fqns = list(watched)
+        self._pos = [positions.get(f) for f in self._fqns]
+        self._bound = [watched[f] for f in self._fqns]
+        self._versions = [version_of(w) for w in self._bound]
+        self._ptrs = [w.data_ptr() for w in self._bound]
+        self._switched = False
+
+    def _current(self, args) -> list[torch.Tensor]:
+        return [b if i is None else args[i] for i, b in zip(self._pos, self._bound)]
 
     def __call__(self, *args):
-        versions = [w._version for w in self._weights]
-        if versions != self._versions:
-            for p in self.prepared:
-                p.refresh_if_stale()
-            self._versions = versions
+        # one pass of cheap list compares per call: a decode step calls this once per token
+        # (SmolLM2: 210 watched weights, about 30 us of a 50-70 ms token)
+        cur = self._current(args)
+        if (any(map(operator.is_not, cur, self._bound)) or [version_of(w) for w in cur] != self._versions
+                or [w.data_ptr() for w in cur] != self._ptrs):
+            self._rebind(cur)
         return self.fn(*args)
+
+    def _rebind(self, cur: list[torch.Tensor]) -> None:
+        changed = {}
+        other = False
+        for fqn, new, old, v, ptr in zip(self._fqns, cur, self._bound, self._versions, self._ptrs):
+            if new is not old or version_of(new) != v or new.data_ptr() != ptr:
+                changed[fqn] = new
+                other |= new is not old
+        for fqn, new in changed.items():
+            pin = self.pinned.get(fqn)
+            if pin is not None and weight_digest(new) != pin.digest:  # equal bytes: a copy of the same weight
+                raise PlanError(
+                    f"the compiled graph runs {pin.replaced_by} in place of the weight {fqn!r}, and it was "
+                    f"called with {'another model' if new is not pin.weight else 'that weight changed'}: "
+                    "the plan's replacement was made from the weight it was calibrated on. Calibrate the "
+                    "changed model (sparsec.calibrate) and compile it with its own plan.")
+        for p in self.prepared:
+            p.refresh(changed)
+        if other and not self._switched:
+            self._switched = True
+            mib = sum(p.buffer.numel() * p.buffer.element_size() for p in self.prepared) / 2**20
+            from .backend import SparsecNotice
+
+            warnings.warn(
+                "sparsec: torch.compile reused a compiled graph for another model of this class (weights are graph "
+                f"inputs): it now runs this model's weights, re-copying {mib:.0f} MiB of prepared weights each time "
+                "the model changes. To avoid the copies, compile each model after torch._dynamo.reset().",
+                SparsecNotice, stacklevel=3)
+        self._bound = list(cur)
+        self._versions = [version_of(w) for w in cur]
+        self._ptrs = [w.data_ptr() for w in cur]

@@ -27,6 +27,19 @@ class GraphContext:
     origin: str = "dynamo"  # "dynamo" | "export"
     #: real parameter tensors by FQN, where known (dynamo hands them over; export has them)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: weights the rewritten graph no longer reads because the plan holds their replacement
+    #: (FQN -> what holds it): see ``pin_weight``
+    pinned: dict[str, str] = field(default_factory=dict)
+
+    def pin_weight(self, fqn: str, replaced_by: str) -> None:
+        """Declare that the rewritten graph runs ``replaced_by`` (say, "the plan's N:M weights
+        for model.layers.0.mlp.up_proj") instead of the model's weight ``fqn``.
+
+        The compiled callable then refuses to run (a ``PlanError``) when it is called with a
+        weight ``fqn`` that differs from the one compiled: another checkpoint that reuses the
+        compiled code, or an in-place update. Without the pin it would silently keep running
+        the replacement made from the old weight."""
+        self.pinned[fqn] = replaced_by
 
     def param_name(self, node: Any) -> str | None:
         return self.params.get(node) if isinstance(node, fx.Node) else None
