@@ -271,6 +271,23 @@ class ActivationThreshold(Pass):
                 }
         return entries
 
+    def check_entry(self, key: str, entry: dict, tensors) -> None:
+        """A plan entry of this pass, as ``rewrite`` and the kernels read it: a NaN threshold
+        would zero every input on the reference path, a negative one keeps everything."""
+        from sparsec import plancheck as pc
+
+        kind = pc.one_of(entry, key, "kind", ("teal", "cats"))
+        pc.number(entry, key, "sparsity", lo=0, hi=1, hi_open=True)
+        pc.number(entry, key, "threshold", lo=0)
+        pc.number(entry, key, "measured_sparsity", lo=0, hi=1, default=None)
+        pc.number(entry, key, "weight_bytes", lo=0, integer=True, default=None)
+        pc.names(entry, key, "weights", default=None)
+        pc.shapes(entry, key, "weight_shapes", default=None)
+        pc.string(entry, key, "group", default=None)
+        pc.string(entry, key, "block", default=None)
+        if kind == "cats":
+            pc.one_of(entry, key, "activation", (*dict.fromkeys(_ACT_OPS.values()), "gelu_tanh"), default="silu")
+
     # -- rewrite -------------------------------------------------------------------------------
     def rewrite(self, ctx: GraphContext, sites: list[Site], config, plan) -> bool:
         import sparsec.kernels.activation  # noqa: F401  (defines the sparsec:: ops)

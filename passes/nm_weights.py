@@ -336,6 +336,60 @@ class NMWeights(Pass):
             entry["weight_sample"] = weight_sample(original)
         return entry, tensors
 
+    def check_entry(self, key: str, entry: dict, tensors) -> None:
+        """A plan entry of this pass and its tensors, as ``rewrite`` and the kernels read them:
+        values and positions of the weight's shape and dtype, every packed position inside its
+        group of ``m`` and none twice in a group (the C++ kernel indexes the input by them: a
+        crafted position reads and writes outside the group)."""
+        from sparsec import plancheck as pc
+        from sparsec.kernels.nm import bits_for
+
+        pc.one_of(entry, key, "kind", ("nm",))
+        structure = pc.one_of(entry, key, "structure", ("nm", "unstructured"), default="nm")
+        pc.names(entry, key, "weights", required=("weight",))
+        out_f, in_f = pc.shapes(entry, key, "weight_shapes", required={"weight": 2})["weight"]
+        pc.number(entry, key, "sparsity", lo=0, hi=1, hi_open=True)
+        pc.number(entry, key, "measured_sparsity", lo=0, hi=1, default=None)
+        for k in ("weight_bytes", "compressed_bytes"):
+            pc.number(entry, key, k, lo=0, integer=True, default=None)
+        pc.numbers(entry, key, "weight_sample", default=None)
+        pc.string(entry, key, "method", default=None)
+        pc.string(entry, key, "block", default=None)
+        if structure == "unstructured":
+            pc.tensor(tensors, key, f"{key}.weight", floating=True, shape=[out_f, in_f])
+            return
+        n = pc.number(entry, key, "n", integer=True, lo=1)
+        m = pc.number(entry, key, "m", integer=True, lo=2, hi=256)
+        if n >= m:
+            raise PlanError(f"site {key!r}: 'n' is {n}; keep n of every m needs n < m, and m is {m}")
+        if in_f % m:
+            raise PlanError(f"site {key!r}: 'm' is {m}, which does not divide the weight's {in_f} inputs")
+        kept, bits = in_f // m * n, bits_for(m)
+        per_byte = 8 // bits
+        width = -(-(-(-kept // per_byte)) // 4) * 4  # bytes per row, padded to 32 bits
+        pc.tensor(tensors, key, f"{key}.values", floating=True, shape=[out_f, kept],
+                  why=f"{n}:{m} of a [{out_f}, {in_f}] weight")
+        name = f"{key}.positions"
+        pos = pc.tensor(tensors, key, name, dtype=torch.uint8, shape=[out_f, width],
+                        why=f"{kept} {bits}-bit positions per row, rows padded to 4 bytes")
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+        step = max(1, (1 << 22) // max(kept, 1))  # rows per chunk: a few MiB of unpacked positions
+        for r0 in range(0, out_f, step):
+            p = pos[r0:r0 + step]
+            f = ((p.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(p.shape[0], -1)[:, :kept]
+            f = f.reshape(p.shape[0], kept // n, n)
+            bad = f >= m
+            if bool(bad.any()):
+                r, g, j = (int(i) for i in bad.nonzero()[0])
+                raise pc.PlanTensorError(f"site {key!r}: tensor {name!r} holds position {int(f[r, g, j])} in group {g} "
+                                         f"of row {r0 + r}; {n}:{m} positions must be below {m}")
+            s = f.sort(-1).values if n > 2 else f
+            twice = s[..., 1:] == s[..., :-1]
+            if bool(twice.any()):
+                r, g, j = (int(i) for i in twice.nonzero()[0])
+                raise pc.PlanTensorError(f"site {key!r}: tensor {name!r} holds position {int(s[r, g, j])} twice in "
+                                         f"group {g} of row {r0 + r}")
+
     # -- rewrite ----------------------------------------------------------------------------------
     def rewrite(self, ctx: GraphContext, sites: list[Site], config: NMWeightsConfig, plan) -> bool:
         """N:M sites that read one input with one threshold and no bias (q/k/v, gate/up) become

@@ -158,5 +158,13 @@ class Pass:
     def rewrite(self, ctx: GraphContext, sites: list[Site], config, plan) -> bool:
         return False
 
+    def check_entry(self, key: str, entry: dict, tensors) -> None:
+        """Check one plan entry this pass wrote (``entry["pass"] == self.name``) and the plan
+        tensors it owns, against what ``rewrite`` and the kernels will read: types, ranges,
+        tensor dtypes and shapes. Raise ``PlanError`` naming the site and the key in one line
+        (``sparsec.plancheck`` has helpers); ``Plan.load`` and ``Plan.save`` call it for every
+        entry, ``Plan.entry_for`` for in-memory plans. ``tensors``: all the plan's tensors, by
+        name. The default checks nothing."""
+
     def __repr__(self) -> str:
         return f"<pass {self.name}>"
