@@ -14,8 +14,9 @@ from tests.test_activation_threshold import masked_dense
 
 def test_plan_round_trip(tmp_path, tiny, tiny_plan):
     path = tiny_plan.save(tmp_path / "tiny.sparsec")
-    assert sorted(p.name for p in path.iterdir()) == ["plan.json", "tensors.safetensors"]
-    assert json.loads((path / "plan.json").read_text())["format_version"] == 1
+    doc = json.loads((path / "plan.json").read_text())
+    assert doc["format_version"] == 2  # tensors file named by its checksum (tests/test_plan_files.py)
+    assert sorted(p.name for p in path.iterdir()) == [".plan.lock", "plan.json", doc["tensors"]["file"]]
     loaded = sparsec.Plan.load(path)
     assert loaded.sites == tiny_plan.sites and loaded.recipe == tiny_plan.recipe
     ids = torch.randint(0, 256, (1, 9))
@@ -77,9 +78,9 @@ def test_damaged_plan_files_name_the_file(tmp_path, tiny_plan):
         (d / "plan.json").write_bytes(content)
         with pytest.raises(PlanError, match="plan.json"):
             sparsec.Plan.load(d)
-    trunc = tmp_path / "truncated"
+    trunc = tmp_path / "truncated"  # a version-1 folder (no checksum to catch it first)
     trunc.mkdir()
-    (trunc / "plan.json").write_text(json.dumps(doc))
+    (trunc / "plan.json").write_text(json.dumps({**doc, "format_version": 1}))
     (trunc / "tensors.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\"")
     with pytest.raises(PlanError, match="tensors.safetensors.*cannot be read"):
         sparsec.Plan.load(trunc)
