@@ -46,6 +46,11 @@ _ACT_OPS = {
 }
 
 
+#: the most histogram bins a site may ask for: 2^20 float64 bins are 8 MiB per site, and
+#: more resolution than that is below the sampling noise of any calibration set
+MAX_BINS = 1 << 20
+
+
 @dataclass
 class ActivationThresholdConfig:
     #: "teal": threshold the input of every matched linear; "cats": threshold the gated-MLP activation
@@ -58,7 +63,7 @@ class ActivationThresholdConfig:
     targets: list[str] = field(default_factory=list)
     #: module-path patterns never to rewrite; the tied lm_head stays dense by default
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
-    #: histogram bins per site
+    #: histogram bins per site, 16 to MAX_BINS
     bins: int = 4096
     #: greedy: how much one step raises the size-weighted average sparsity of a block
     greedy_step: float = 0.025
@@ -84,6 +89,8 @@ class ActivationThresholdConfig:
             self.allocation = "uniform"
         if self.bins < 16:
             raise RecipeError(f"bins must be at least 16, got {self.bins}")
+        if self.bins > MAX_BINS:  # 8 bytes a bin per probe: 10^9 bins allocated 8 GB per site
+            raise RecipeError(f"bins must be at most {MAX_BINS} ({MAX_BINS * 8 >> 20} MiB per site), got {self.bins}")
         if not (self.greedy_step > 0):
             raise RecipeError(f"greedy_step must be positive, got {self.greedy_step}")
         if self.greedy_scope not in ("block", "model"):
@@ -239,9 +246,15 @@ class ActivationThreshold(Pass):
         group_sites: dict[str, list[Site]] = defaultdict(list)
         for s in sites:
             group_sites[s.group].append(s)
+        non_finite = [g for g in group_sites if g in hists and hists[g].n == 0 and hists[g].nan > 0]
+        if non_finite:
+            raise PlanError(f"every calibration value at {non_finite[:3]} is NaN or infinite ({hists[non_finite[0]].nan} "
+                            "values): check the calibration batches and the model's weights")
         missing = [g for g in group_sites if g not in hists or hists[g].n == 0]
         if missing:
-            raise PlanError(f"calibration data never reached the sites {missing[:5]}: is the graph data-dependent?")
+            how = "reached them empty (0 tokens?)" if all(g in hists for g in missing) else "never reached them"
+            raise PlanError(f"calibration data {how}: sites {missing[:5]}; give batches with tokens, and check "
+                            "that the calibrated call runs these sites (a data-dependent branch may skip them)")
         if config.mode == "teal" and config.allocation == "greedy":
             if greedy_scorer is None:
                 warnings.warn(

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .calibrate import calibrate_graph
+from .errors import SparsecNotice
 from .codegen import Pinned, RefreshingCallable, lower, weight_digest
 from .capture import capture_dynamo
 from .plan import Plan
@@ -27,10 +28,6 @@ from .plugins import get_registry
 from .recipes import CompileOptions, resolve_recipe
 
 __all__ = ["sparsec_backend", "SparsecNotice", "compiled_sites"]
-
-
-class SparsecNotice(UserWarning):
-    """A one-line notice: sparsec compiled something densely, or calibrated on the fly."""
 
 
 #: weight tensor -> {site key: plan entry}; lets ``sparsec.report(compiled)`` find what the
@@ -123,7 +120,8 @@ def sparsec_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
                     "compiled as Inductor would. A plan names sites relative to the model it was calibrated on; "
                     "compile that model (or a function calling it).")
         else:
-            _notice("sparsec: no pass matched this graph; compiled as Inductor would")
+            _notice(f"sparsec: no pass matched this graph ({', '.join(result.unmatched) or 'none ran'} found no "
+                    "site); compiled as Inductor would")
         return _dense(gm, example_inputs, opts)
 
     for s in result.sites:

@@ -19,12 +19,12 @@ import torch
 
 from .capture import capture_dynamo
 from .errors import PlanError, RecipeError
-from .pipeline import Collector, insert_probes, remove_probes
+from .pipeline import Collector, insert_probes, order_passes, remove_probes
 from .plan import Plan
 from .plugins import get_registry
 from .recipes import resolve_recipe
 
-__all__ = ["ArgsKwargs", "calibrate", "calibrate_graph", "split_batch", "record_kwargs", "first_tensor", "with_weights"]
+__all__ = ["ArgsKwargs", "check_batch", "calibrate", "calibrate_graph", "split_batch", "record_kwargs", "first_tensor", "with_weights"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,19 @@ def split_batch(batch: Any) -> tuple[tuple, dict]:
     if isinstance(batch, (tuple, list)):
         return tuple(batch), {}
     raise RecipeError(f"a calibration batch must be a tensor, a tuple of inputs or a dict, not {type(batch).__name__}")
+
+
+def check_batch(batch: Any, i: int) -> None:
+    """A calibration batch that cannot inform anything is an error naming it: an empty tensor
+    (no tokens), or a floating tensor with no finite value."""
+    args, kwargs = split_batch(batch)
+    for where, v in [*((f"input {j}", a) for j, a in enumerate(args)), *((f"input {k!r}", a) for k, a in kwargs.items())]:
+        if not isinstance(v, torch.Tensor):
+            continue
+        if v.numel() == 0:
+            raise RecipeError(f"calibration batch {i}: {where} is empty (shape {list(v.shape)}); give batches with tokens")
+        if v.is_floating_point() and not bool(torch.isfinite(v).any()):
+            raise RecipeError(f"calibration batch {i}: {where} holds no finite value (all NaN or infinite)")
 
 
 #: keyword arguments of a block call that carry a KV cache: dropped when a block's inputs are
@@ -191,6 +204,8 @@ def calibrate(model: torch.nn.Module, batches: Iterable, recipe: Any = "teal-50"
     batches = list(batches)
     if not batches:
         raise RecipeError("calibrate: no calibration batches given")
+    for i, batch in enumerate(batches):
+        check_batch(batch, i)
     todo = {n: c for n, c in recipe.passes.items() if getattr(reg.passes[n], "needs_calibration", lambda c: False)(c)}
     plan = Plan(recipe=recipe.to_dict(), meta=Plan.new_meta(model, calibration_batches=len(batches)))
     if not todo:
@@ -210,21 +225,34 @@ def calibrate(model: torch.nn.Module, batches: Iterable, recipe: Any = "teal-50"
 
     bins = max(getattr(c, "bins", 4096) for c in todo.values())
     found: dict[str, dict[str, object]] = {n: {} for n in todo}  # pass -> site key -> site
+    order = order_passes(reg, recipe.passes)
+    # weight passes act through the pruned weights (below), not by rewriting the probed graph
+    weight_passes = {n for n in todo if hasattr(reg.passes[n], "calibrate_model")}
 
-    def probe_backend(gm, example_inputs):
-        ctx = capture_dynamo(gm, example_inputs)
-        for name, cfg in todo.items():
-            p = reg.passes[name]
-            sites = p.match(ctx, cfg)
-            for s in sites:
-                found[name].setdefault(s.key, s)
-            if hasattr(p, "probes"):
-                insert_probes(ctx.gm, {f"{name}:{k}": v for k, v in p.probes(ctx, sites, cfg).items()},
-                              Collector.active)  # the collecting one: the backend runs inside `collect`
-        return ctx.gm
+    def rewriting_before(name: str) -> list[str]:
+        """The recipe's passes that run before ``name`` and change the activations it sees."""
+        return [n for n in order[: order.index(name)] if n not in weight_passes]
 
-    def collect(net, desc):
-        col, compiled = Collector(bins=bins), torch.compile(_fresh_entry(), backend=probe_backend)
+    def probe_backend_for(names, before):
+        def probe_backend(gm, example_inputs):
+            ctx = capture_dynamo(gm, example_inputs)
+            if before:  # probe what the compiled model computes: the earlier passes applied
+                ctx = with_passes(ctx, recipe, before, plan, reg)
+            for name in names:
+                cfg, p = todo[name], reg.passes[name]
+                sites = p.match(ctx, cfg)
+                for s in sites:
+                    found[name].setdefault(s.key, s)
+                if hasattr(p, "probes"):
+                    insert_probes(ctx.gm, {f"{name}:{k}": v for k, v in p.probes(ctx, sites, cfg).items()},
+                                  Collector.active)  # the collecting one: the backend runs inside `collect`
+            return ctx.gm
+
+        return probe_backend
+
+    def collect(net, desc, names=tuple(todo), before=()):
+        col = Collector(bins=bins)
+        compiled = torch.compile(_fresh_entry(), backend=probe_backend_for(names, before))
         with torch.no_grad(), col:
             for batch in tqdm(hist_batches, desc=desc, unit="batch", disable=not progress):
                 args, kwargs = split_batch(batch)
@@ -236,12 +264,19 @@ def calibrate(model: torch.nn.Module, batches: Iterable, recipe: Any = "teal-50"
     # Weight passes (SparseGPT, Wanda...) first: the activation passes are then calibrated on
     # the model with the pruned weights, whose activations are what the compiled model sees
     # (thresholds from the dense model's histograms realise another sparsity once the weights
-    # feeding them are pruned).
-    weights_first = sorted(todo, key=lambda n: not hasattr(reg.passes[n], "calibrate_model"))
+    # feeding them are pruned). The others in pipeline order, each on the activations that the
+    # passes before it produce.
+    weights_first = sorted(todo, key=lambda n: (n not in weight_passes, order.index(n)))
     pruned: dict[str, torch.Tensor] = {}
     calibrated_on = model
     for name in weights_first:
         cfg, p = todo[name], reg.passes[name]
+        if name not in weight_passes and rewriting_before(name):
+            found[name] = {}
+            if pruned and calibrated_on is model:
+                calibrated_on = with_weights(model, pruned)
+            before = rewriting_before(name)
+            collector = collect(calibrated_on, f"sparsec calibrate ({name}, after {', '.join(before)})", (name,), before)
         sites = list(found[name].values())
         if not sites:
             warnings.warn(f"sparsec: pass {name!r} found no site in {type(model).__name__}", stacklevel=2)
@@ -303,6 +338,20 @@ def with_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> to
     return view
 
 
+def with_passes(ctx, recipe, names: list[str], plan: Plan, reg) -> Any:
+    """A copy of ``ctx`` with the recipe's passes ``names`` applied, from the plan as decided so
+    far: the graph a later pass of the recipe runs on, so that it is calibrated on the
+    activations the compiled model computes (a pass placed before TEAL changes them)."""
+    from .pipeline import _copy_context, run_pipeline
+    from .recipes import Recipe
+
+    work = _copy_context(ctx)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the compile of the whole recipe says what matched
+        run_pipeline(work, Recipe(recipe.name, {n: recipe.passes[n] for n in names}), plan, registry=reg)
+    return work
+
+
 def calibrate_graph(ctx, recipe, example_inputs, plan: Plan | None = None, registry=None) -> Plan:
     """Calibrate on one captured graph and its example inputs (compile without a plan).
 
@@ -312,25 +361,31 @@ def calibrate_graph(ctx, recipe, example_inputs, plan: Plan | None = None, regis
     reg = registry or get_registry()
     plan = plan or Plan(recipe=recipe.to_dict(), meta=Plan.new_meta(calibrated_on="compile example inputs"))
     real = [_concrete(v) for v in example_inputs]
-    for name, cfg in recipe.passes.items():
-        p = reg.passes[name]
+    order = order_passes(reg, recipe.passes)
+    for i, name in enumerate(order):
+        cfg, p = recipe.passes[name], reg.passes[name]
         if not getattr(p, "needs_calibration", lambda c: False)(cfg):
             continue
-        sites = [s for s in p.match(ctx, cfg) if s.key not in plan.sites]
+        if hasattr(p, "calibrate_graph"):
+            sites = [s for s in p.match(ctx, cfg) if s.key not in plan.sites]
+            if sites:
+                entries, tensors = p.calibrate_graph(ctx, sites, cfg, real)
+                plan.sites.update(entries)
+                plan.tensors.update(tensors)
+            continue
+        # probe the activations the compiled graph computes: the passes before this one applied
+        before = [n for n in order[:i] if not hasattr(reg.passes[n], "calibrate_graph")]
+        work = with_passes(ctx, recipe, before, plan, reg) if before else ctx
+        sites = [s for s in p.match(work, cfg) if s.key not in plan.sites]
         if not sites:
             continue
-        if hasattr(p, "calibrate_graph"):
-            entries, tensors = p.calibrate_graph(ctx, sites, cfg, real)
-            plan.sites.update(entries)
-            plan.tensors.update(tensors)
-            continue
         collector = Collector(bins=getattr(cfg, "bins", 4096))
-        added = insert_probes(ctx.gm, p.probes(ctx, sites, cfg), collector)
+        added = insert_probes(work.gm, p.probes(work, sites, cfg), collector)
         try:
             with torch.no_grad(), collector:
-                ctx.gm(*real)
+                work.gm(*real)
         finally:
-            remove_probes(ctx.gm, added)
+            remove_probes(work.gm, added)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the caller already warned that it calibrates here
             plan.sites.update(p.plan_entries(sites, cfg, collector.hists, None))

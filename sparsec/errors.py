@@ -5,7 +5,12 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-__all__ = ["SparsecError", "RecipeError", "PlanError", "PluginError", "PassError", "ExportError", "did_you_mean"]
+__all__ = ["SparsecNotice", "SparsecError", "RecipeError", "PlanError", "PluginError", "PassError", "ExportError", "did_you_mean"]
+
+
+class SparsecNotice(UserWarning):
+    """A one-line notice: sparsec compiled something densely, calibrated on the fly, or a pass
+    of the recipe found nothing to do."""
 
 
 class SparsecError(Exception):

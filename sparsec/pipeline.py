@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import itertools
 import os
 import warnings
@@ -13,7 +15,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from .errors import PassError, PluginError, SparsecError
+from .errors import PassError, PluginError, SparsecError, SparsecNotice
 from .passbase import GraphContext, Site
 from .plugins import Registry, get_registry
 from .recipes import check_on_plugin_error
@@ -31,6 +33,41 @@ class PipelineResult:
     modified: bool
     sites: list[Site] = field(default_factory=list)
     ran: list[str] = field(default_factory=list)
+    #: passes the recipe names that found no site in this graph
+    unmatched: list[str] = field(default_factory=list)
+
+
+def _copy_context(ctx: GraphContext) -> GraphContext:
+    """A context over a copy of the graph (nodes and their meta copied; the module's tensors
+    shared), for a pass whose failure must leave ``ctx`` untouched."""
+    old = ctx.gm.graph
+    graph = fx.Graph(tracer_cls=old._tracer_cls)
+    env: dict[fx.Node, fx.Node] = {}
+    out, old_output = graph.graph_copy(old, env, return_output_node=True)  # node copies with shallow meta
+    graph.output(out, type_expr=getattr(old_output, "type", None)).meta = copy.copy(old_output.meta)
+    graph._codegen = copy.deepcopy(old._codegen)  # export's pytree in/out specs
+    gm = fx.GraphModule(ctx.gm, graph)
+    return dataclasses.replace(ctx, gm=gm, params={env[n]: name for n, name in ctx.params.items() if n in env},
+                               pinned=dict(ctx.pinned))
+
+
+def _adopt(ctx: GraphContext, work: GraphContext) -> None:
+    """Make ``ctx`` what the pass made of ``work``: its graph, the constants it added, its pins."""
+    for name, value in list(work.gm.named_buffers(recurse=False)):
+        if not hasattr(ctx.gm, name):
+            ctx.gm.register_buffer(name, value)
+    for name, value in list(work.gm.named_parameters(recurse=False)):
+        if not hasattr(ctx.gm, name):
+            ctx.gm.register_parameter(name, value)
+    for name, value in list(work.gm.named_children()):
+        if not hasattr(ctx.gm, name):
+            ctx.gm.add_module(name, value)
+    for name, value in vars(work.gm).items():  # plain tensor attributes (export's constants)
+        if isinstance(value, torch.Tensor) and not hasattr(ctx.gm, name):
+            setattr(ctx.gm, name, value)
+    ctx.gm.graph = work.gm.graph
+    ctx.params = work.params
+    ctx.pinned = work.pinned
 
 
 def order_passes(reg: Registry, names) -> list[str]:
@@ -91,27 +128,41 @@ def run_pipeline(ctx: GraphContext, recipe, plan, *, on_plugin_error: str = "rai
     for step, name in enumerate(order_passes(reg, recipe.passes)):
         p, cfg, plugin = reg.passes[name], recipe.passes[name], reg.pass_plugin[name]
         _dump(ddir, gid, step, name, "before", ctx.gm)
+        # with "skip", the pass works on a copy that replaces the graph only if it succeeds: a
+        # pass that rewrote some sites and then raised must leave no half-applied edit behind
+        work = _copy_context(ctx) if on_plugin_error == "skip" else ctx
         try:
-            sites = p.match(ctx, cfg)
+            sites = p.match(work, cfg)
             counters[name]["sites_matched"] += len(sites)
-            changed = bool(p.rewrite(ctx, sites, cfg, plan)) if sites else False
+            changed = bool(p.rewrite(work, sites, cfg, plan)) if sites else False
         except SparsecError:
             raise  # already says what is wrong (a plan mismatch, say)
         except Exception as exc:
             before = f" after {result.ran}" if result.ran else " (the first pass)"
             msg = f"pass {name!r} from plugin {plugin!r} failed{before}: {type(exc).__name__}: {exc}"
             if on_plugin_error == "skip":
-                warnings.warn(f"sparsec: skipping {msg}", stacklevel=2)
+                warnings.warn(f"sparsec: skipping {msg}; the graph is as it was before this pass", stacklevel=2)
                 counters[name]["skipped"] += 1
                 continue
             raise PassError(msg) from exc
+        if work is not ctx:
+            _adopt(ctx, work)
         counters[name]["runs"] += 1
+        if not sites:
+            result.unmatched.append(name)
         if changed:
             counters[name]["sites_rewritten"] += sum(1 for s in sites if plan.sites.get(s.key, {}).get("sparsity", 1) > 0)
             result.sites.extend(sites)
         result.modified |= changed
         result.ran.append(name)
         _dump(ddir, gid, step, name, "after", ctx.gm)
+    for name in result.unmatched if result.modified else ():  # else the caller says nothing matched
+        # a pass the recipe names that does nothing must say so (a silently idle pass looks applied)
+        ran = result.ran[: result.ran.index(name)]
+        changed_by = [n for n in ran if any(s.pass_name == n for s in result.sites)]
+        why = (f"the passes before it ({', '.join(changed_by)}) rewrote sites it may have matched"
+               if changed_by else "no call in it fits the pass's pattern and its targets/ignore")
+        warnings.warn(f"sparsec: pass {name!r} matched no site in this graph: {why}", SparsecNotice, stacklevel=2)
     if result.modified:
         ctx.gm.graph.lint()
         ctx.gm.recompile()
