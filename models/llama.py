@@ -15,13 +15,21 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["tiny_llama", "smollm2", "cache_dir", "load_model"]
+from ..errors import SparsecError
+
+__all__ = ["tiny_llama", "smollm2", "cache_dir", "load_model", "ModelError"]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+class ModelError(SparsecError, ValueError):
+    """A model name or folder that cannot be loaded; the message names the folder or file."""
+
+
 def cache_dir() -> Path:
-    d = Path(os.environ.get("SPARSEC_CACHE", Path.home() / ".cache" / "sparsec"))
+    """``$SPARSEC_CACHE`` (default ``~/.cache/sparsec``; an empty value counts as unset, as
+    for the kernel cache), created if missing."""
+    d = Path(os.environ.get("SPARSEC_CACHE") or Path.home() / ".cache" / "sparsec")
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -119,16 +127,51 @@ def load_model(name: str, dtype: torch.dtype = torch.float32):
 
         return tiny_llama(dtype=dtype), ByteTokenizer()
     p = Path(name)
-    if p.is_dir() and (p / "config.json").exists():
-        _offline()
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype).eval()
-        try:
-            tok = AutoTokenizer.from_pretrained(p)
-        except Exception:  # a folder without tokenizer files: evaluation needs token ids then
-            tok = None
-        return model, tok
-    raise ValueError(
+    if p.is_dir():
+        return _load_folder(p, dtype)
+    if p.exists():
+        raise ModelError(f"model {name!r} is a file; give a Hugging Face model folder (with config.json and the "
+                         "weights) or 'smollm2-135m' / 'tiny-llama'")
+    raise ModelError(
         f"unknown model {name!r}: use 'smollm2-135m', 'tiny-llama' or a local Hugging Face folder with a config.json"
     )
+
+
+#: the weight files transformers reads from a local folder (an index names the shards)
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _load_folder(p: Path, dtype: torch.dtype):
+    """A local Hugging Face folder; every failure names the folder or the file at fault."""
+    import json
+
+    config = p / "config.json"
+    if not config.is_file():
+        raise ModelError(f"model folder {str(p)!r} has no config.json: not a Hugging Face model folder")
+    try:
+        cfg = json.loads(config.read_bytes().decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{str(config)!r} is not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise ModelError(f"cannot read {str(config)!r}: {exc.strerror or exc}") from None
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{str(config)!r} must hold a JSON object, got {type(cfg).__name__}")
+    if "model_type" not in cfg:
+        raise ModelError(f"{str(config)!r} has no 'model_type' key: transformers cannot tell which model it describes")
+    if not any((p / f).is_file() for f in _WEIGHT_FILES) and not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
+        raise ModelError(f"model folder {str(p)!r} has no weights: expected one of {', '.join(_WEIGHT_FILES)}")
+    _offline()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_pretrained(p, dtype=dtype).eval()
+    except Exception as exc:  # OSError, ValueError, safetensors' own error on a damaged file, ...
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise ModelError(f"cannot load the model in {str(p)!r}: {detail}") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(p)
+    except Exception:  # a folder without tokenizer files: evaluation needs token ids then
+        tok = None
+    return model, tok

@@ -16,8 +16,10 @@ import importlib.util
 import json
 import os
 import sys
+import tempfile
 import time
 import warnings
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -64,18 +66,56 @@ def _table(header, rows) -> None:
 
 
 def _load(name: str):
+    from .errors import SparsecError
     from .models.llama import load_model
 
     model, tok = load_model(name)
     if tok is None:
-        raise SystemExit(f"sparsec: error: model {name!r} has no tokenizer; evaluation needs one")
+        raise SparsecError(f"model {name!r} has no tokenizer files; these commands need one to make token ids")
     return model, tok
+
+
+def _check_output(path: str, what: str, *, folder: bool = False) -> None:
+    """Refuse an output that cannot be written before any work is done; the message names
+    the path and the reason. ``folder``: the output is a folder, created with its parents."""
+    from .errors import SparsecError
+
+    p = Path(path)
+    if folder and p.exists() and not p.is_dir():
+        raise SparsecError(f"cannot write {what} to {path!r}: a file of that name exists ({what} is a folder)")
+    if not folder and p.is_dir():
+        raise SparsecError(f"cannot write {what} to {path!r}: it is a directory; give a file name")
+    probe = p if folder else (p.parent if str(p.parent) else Path("."))
+    if folder:
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+    elif not probe.exists():
+        raise SparsecError(f"cannot write {what} to {path!r}: directory {str(probe)!r} does not exist")
+    if not probe.is_dir():
+        raise SparsecError(f"cannot write {what} to {path!r}: {str(probe)!r} is not a directory")
+    if p.exists() and not p.is_dir() and not os.access(p, os.W_OK):
+        raise SparsecError(f"cannot write {what} to {path!r}: the file is read-only")
+    try:  # permissions, read-only file systems, /proc ...: ask the file system itself
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as exc:
+        raise SparsecError(f"cannot write {what} to {path!r}: directory {str(probe)!r} is not writable "
+                           f"({exc.strerror or exc})") from None
+
+
+def _check_recipe(recipe) -> None:
+    """Resolve the recipe before loading a model: a typo fails in a second, not after it."""
+    from .recipes import resolve_recipe
+
+    resolve_recipe(recipe)
 
 
 def cmd_calibrate(a) -> int:
     import sparsec
     from .models.data import calibration_windows
 
+    _check_output(a.out, "the plan", folder=True)  # before the model loads and calibration runs
+    _check_recipe(a.recipe)
     model, tok = _load(a.model)
     batches = calibration_windows(tok, a.windows, a.length, batch=a.batch)
     plan = sparsec.calibrate(model, batches, a.recipe)
@@ -89,6 +129,8 @@ def cmd_report(a) -> int:
     import sparsec
 
     rep = sparsec.report(sparsec.Plan.load(a.plan))
+    if a.plot:
+        _check_output(a.plot, "the plot", folder=False)  # before the report is printed
     print(rep.to_json() if a.json else rep)
     if a.plot:
         print(f"plot written to {rep.plot(a.plot)}", file=sys.stderr)
@@ -99,8 +141,12 @@ def cmd_eval(a) -> int:
     import sparsec
     from .evaluate import evaluate_recipe
 
+    plan = sparsec.Plan.load(a.plan) if a.plan else None  # a bad plan fails before the model loads
+    if plan is None:
+        _check_recipe(a.recipe)
     model, tok = _load(a.model)
-    plan = sparsec.Plan.load(a.plan) if a.plan else None
+    # evaluate_recipe runs the sparse model first: a plan made for another model fails on its
+    # first window, not after the whole dense perplexity
     res = evaluate_recipe(model, tok, a.recipe, plan=plan, windows=a.windows, window_length=a.length, progress=not a.json)
     if a.json:
         print(json.dumps({"model": a.model, **res.to_dict()}))
@@ -113,16 +159,23 @@ def cmd_eval(a) -> int:
 
 def cmd_export_onnx(a) -> int:
     import sparsec
+    from .errors import SparsecError
     from .models.data import evaluation_windows
+    from .onnx_export import _check_path
 
     if not a.plan and not a.recipe:
-        raise SystemExit("sparsec: error: export-onnx needs --plan FILE or --recipe NAME")
+        raise SparsecError("export-onnx needs --plan FILE or --recipe NAME")
+    if a.plan and a.recipe:
+        raise SparsecError("export-onnx: give --plan or --recipe, not both (a plan carries its recipe)")
+    _check_path(a.out)  # before the model loads
+    plan = sparsec.Plan.load(a.plan) if a.plan else None
+    if plan is None:
+        _check_recipe(a.recipe)
     model, tok = _load(a.model)
     # two rows of --length tokens: torch.export keeps size-1 axes static, so batch and
-    # sequence stay dynamic only with an example of at least 2 of each
+    # sequence stay dynamic only with an example of at least 2 of each (--length >= 2)
     ids = evaluation_windows(tok, 1, a.length)[0].repeat(2, 1)
-    plan = sparsec.Plan.load(a.plan) if a.plan else None
-    if plan is None and a.recipe:
+    if plan is None:
         from .models.data import calibration_windows
 
         plan = sparsec.calibrate(model, calibration_windows(tok, 8, 128, batch=4), a.recipe)
@@ -137,9 +190,10 @@ def cmd_export_mlir(a) -> int:
     import sparsec
     from .models.data import evaluation_windows
 
+    _check_output(a.out, "the MLIR", folder=False)
+    plan = sparsec.Plan.load(a.plan)  # before the model loads
     model, tok = _load(a.model)
     ids = evaluation_windows(tok, 1, a.length)[0]
-    plan = sparsec.Plan.load(a.plan)
     module = sparsec.export_mlir(model, (ids,), plan=plan, path=a.out)
     n_sparse = str(module).count("sparse_tensor.convert")
     print(f"wrote {a.out} (linalg on tensors, input [1, {a.length}] tokens; {n_sparse} N:M weights with a "
@@ -155,6 +209,9 @@ def cmd_demo(a) -> int:
     from .models.data import calibration_windows, evaluation_windows
     from .models.llama import smollm2
 
+    _check_output(a.plan_out, "the demo's plan", folder=True)  # before minutes of work
+    if a.plot:
+        _check_output(a.plot, "the demo's plot", folder=False)
     torch.manual_seed(0)
     t0 = time.time()
     print("== sparsec demo: SmolLM2-135M, TEAL 40% with greedy allocation ==", flush=True)
@@ -240,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nm-format", choices=["compressed", "dense"], default="compressed",
                    help="N:M weights as values + packed positions (default) or dense with zeros")
     p.add_argument("--external-data", action="store_true", help="weights in <out>.data (automatic above ~1.8 GiB)")
-    p.add_argument("--length", type=_positive, default=16, help="tokens in the example input (axes stay dynamic)")
+    p.add_argument("--length", type=_at_least_2, default=16,
+                   help="tokens in the example input, at least 2 (batch and sequence axes stay dynamic)")
     p.set_defaults(fn=cmd_export_onnx)
 
     p = sub.add_parser("export-mlir", help="write the sparse model as MLIR (linalg on tensors, torch-mlir)")
@@ -250,25 +308,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length", type=_positive, default=16, help="tokens in the (static) input")
     p.set_defaults(fn=cmd_export_mlir)
 
-    p = sub.add_parser("demo", help="SmolLM2 with TEAL 40%: calibrate, compile, report, perplexity, generate")
+    p = sub.add_parser("demo", help="SmolLM2 with TEAL 40%%: calibrate, compile, report, perplexity, generate")
     p.add_argument("--windows", type=_positive, default=4)
     p.add_argument("--length", type=_positive, default=512)
     p.add_argument("--tokens", type=_positive, default=12)
-    p.add_argument("--plan-out", default=os.path.join(os.path.expanduser("~"), ".cache", "sparsec", "demo-teal-40.sparsec"))
+    p.add_argument("--plan-out", default=os.path.join(_cache_root(), "demo-teal-40.sparsec"),
+                   help="where the demo saves its plan (default: $SPARSEC_CACHE/demo-teal-40.sparsec, "
+                        "SPARSEC_CACHE defaulting to ~/.cache/sparsec)")
     p.add_argument("--plot", default="sparsec-demo-sparsity.png")
     p.set_defaults(fn=cmd_demo)
     return ap
 
 
-def _positive(text: str) -> int:
-    """argparse type: a whole number of at least 1 (0 windows or tokens would divide by zero)."""
+def _cache_root() -> str:
+    """``$SPARSEC_CACHE``, default ``~/.cache/sparsec`` (as for the kernels and the models)."""
+    return os.environ.get("SPARSEC_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "sparsec")
+
+
+def _whole(text: str, least: int, why: str = "") -> int:
     try:
         v = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    if v < least:
+        raise argparse.ArgumentTypeError(f"must be at least {least}, got {v}{why}")
     return v
+
+
+def _positive(text: str) -> int:
+    """argparse type: a whole number of at least 1 (0 windows or tokens would divide by zero)."""
+    return _whole(text, 1)
+
+
+def _at_least_2(text: str) -> int:
+    """argparse type for export-onnx --length: torch.export fixes a size-1 axis, so a 1-token
+    example would silently export a fixed sequence length."""
+    return _whole(text, 2, " (with 1 token the exported sequence axis would be fixed, not dynamic)")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return text or type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,19 +356,26 @@ def main(argv: list[str] | None = None) -> int:
 
     _setup()
     a = build_parser().parse_args(argv)
-    user_errors = (SparsecError, ValueError, FileNotFoundError)
+    user_errors = (SparsecError, ValueError, OSError)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning)
             return a.fn(a) or 0
+    except KeyboardInterrupt:
+        print("sparsec: interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:
         # torch.compile wraps what the backend raised (a PlanError, say) in its own
         # BackendCompilerFailed, with the full compile traceback: report the cause
         cause = getattr(exc, "inner_exception", None)
         err = cause if isinstance(cause, user_errors) else exc
-        if not isinstance(err, user_errors):
+        if os.environ.get("SPARSEC_TRACEBACK") == "1":
             raise
-        print(f"sparsec: error: {err}", file=sys.stderr)
+        if isinstance(err, user_errors):
+            print(f"sparsec: error: {_one_line(err)}", file=sys.stderr)
+        else:  # a bug: still one line; SPARSEC_TRACEBACK=1 shows where
+            print(f"sparsec: internal error: {type(err).__name__}: {_one_line(err)} "
+                  "(SPARSEC_TRACEBACK=1 shows the traceback; please report it)", file=sys.stderr)
         return 2
 
 

@@ -58,8 +58,12 @@ class EvalResult:
 def evaluate_recipe(model, tokenizer, recipe, *, plan=None, windows: int = 8, window_length: int = 512,
                     calib_windows: int = 16, calib_length: int = 128, dense_ppl: float | None = None,
                     progress: bool = True) -> EvalResult:
-    """Calibrate (unless a plan is given) on the calibration windows, then measure dense and
-    sparse perplexity on the evaluation windows."""
+    """Calibrate (unless a plan is given) on the calibration windows, then measure sparse and
+    dense perplexity on the evaluation windows.
+
+    The sparse model runs first: compiling it checks the plan against the model, so a plan
+    made for another model fails (``PlanError``) on the first window instead of after the
+    whole dense evaluation."""
     import sparsec
     from sparsec.models.data import calibration_windows, evaluation_windows
 
@@ -68,8 +72,8 @@ def evaluate_recipe(model, tokenizer, recipe, *, plan=None, windows: int = 8, wi
     if plan is None:
         plan = sparsec.calibrate(model, calibration_windows(tokenizer, calib_windows, calib_length, batch=4),
                                  recipe, progress=progress)
+    sparse = perplexity(sparse_model(model, plan), ev, progress, "sparse perplexity")
     if dense_ppl is None:
         dense_ppl = perplexity(model, ev, progress, "dense perplexity")
-    sparse = perplexity(sparse_model(model, plan), ev, progress, "sparse perplexity")
     name = plan.recipe.get("name", str(recipe))
     return EvalResult(name, dense_ppl, sparse, len(ev), window_length, time.time() - t0)

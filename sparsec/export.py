@@ -32,9 +32,12 @@ def export(
 ) -> torch.export.ExportedProgram:
     """Export ``model`` with the plan's rewrites applied; ``ep.module()`` runs it.
 
-    Give a calibrated ``plan`` (or a ``recipe``: one that needs calibration is calibrated on
-    ``args``, with a warning). The model itself is not modified.
+    ``args`` is a tuple of positional inputs, or a bare tensor for one (as for
+    ``export_onnx``). Give a calibrated ``plan`` (or a ``recipe``: one that needs calibration
+    is calibrated on ``args``, with a warning). The model itself is not modified.
     """
+    # a bare tensor is one input (torch.export would unpack its rows as many positional ones)
+    args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
     if plan is None and recipe is None:
         raise ValueError("sparsec.export: give a plan (sparsec.calibrate) or a recipe")
     if plan is not None and recipe is not None:

@@ -79,6 +79,14 @@ def _auto_dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict) -> d
     for name, value in bound.items():
         if isinstance(value, torch.Tensor):
             axes = range(value.dim()) if not value.is_floating_point() else range(max(value.dim() - 1, 0))
+            ones = [a for a in axes if value.shape[a] == 1]
+            if ones:
+                # torch.export specialises an axis whose example size is 1: the file would
+                # silently have a fixed axis where the caller asked for a dynamic one
+                raise ExportError(
+                    f"export_onnx: input {name!r} has size 1 on axis {ones[0]} (shape {list(value.shape)}); "
+                    "torch.export fixes size-1 axes, so it would not stay dynamic: give an example with at "
+                    "least 2 rows and 2 tokens, or pass dynamic=False (fixed axes) or dynamic_shapes=...")
             spec[name] = {a: torch.export.Dim.AUTO for a in axes} or None
         else:
             spec[name] = None
@@ -237,7 +245,9 @@ def export_onnx(
     """Write ``model`` with the plan's rewrites to ``path`` as ONNX; returns the path.
 
     ``dynamic=True`` makes the batch and sequence axes of the inputs dynamic (give example
-    inputs with at least 2 rows and 2 tokens: torch.export treats size-1 axes as static);
+    inputs with at least 2 rows and 2 tokens: torch.export treats size-1 axes as static, so
+    an example with a size-1 axis there is refused with an ``ExportError``); ``args`` may be
+    a bare tensor (one positional input);
     ``dynamic_shapes`` overrides it with torch.export's own spec. ``external_data=None``
     writes the weights beside the file (``<path>.data``) only when they exceed ~1.8 GiB.
     ``keep_metadata`` keeps torch.onnx's per-node stack traces and module paths (dropped by

@@ -110,7 +110,17 @@ def build_config(cls, section: Any, where: str):
 
 
 def _load_file(path: Path) -> dict:
-    text = path.read_text()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe file {str(path)!r}: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"recipe file {str(path)!r} is not UTF-8 text (byte {exc.start} is {raw[exc.start]:#04x}): "
+                          "a recipe is a YAML or JSON file") from None
+    if "\0" in text:
+        raise RecipeError(f"recipe file {str(path)!r} holds NUL bytes: a recipe is a YAML or JSON text file")
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
@@ -144,8 +154,12 @@ def resolve_recipe(recipe: Any, registry=None) -> Recipe:
             name, data = s, reg.recipes[s].recipe
         elif s.lower().endswith((".yaml", ".yml", ".json")) or os.sep in s:
             p = Path(s)
-            if not p.is_file():
+            if p.is_dir():
+                raise RecipeError(f"recipe file {s!r} is a directory; give a YAML or JSON file (or a recipe name)")
+            if not p.exists():
                 raise RecipeError(f"recipe file {s!r} does not exist")
+            if not (p.is_file() or p.is_fifo()):  # a pipe works: --recipe <(...); a device would not end
+                raise RecipeError(f"recipe file {s!r} is not a regular file")
             data, name = _load_file(p), p.stem
         else:
             raise RecipeError(f"unknown recipe {s!r}{did_you_mean(s, reg.recipes)}")

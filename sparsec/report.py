@@ -85,7 +85,15 @@ class Report:
             from .errors import SparsecError
 
             raise SparsecError("Report.plot needs matplotlib: pip install 'sparsec[plot]'") from None
+        from .errors import SparsecError
+
         path = Path(path)
+        if path.is_dir():
+            raise SparsecError(f"cannot write the plot to {str(path)!r}: it is a directory; give a file name")
+        parent = path.parent if str(path.parent) else Path(".")
+        if not parent.is_dir():
+            why = "is not a directory" if parent.exists() else "does not exist"
+            raise SparsecError(f"cannot write the plot to {str(path)!r}: {str(parent)!r} {why}")
         fig, ax = plt.subplots(figsize=(max(6, 0.12 * len(self.rows) + 4), 4))
         x = range(len(self.rows))
         ax.bar(x, [r["measured"] for r in self.rows], color="#4c72b0", label="measured (calibration)")
@@ -100,8 +108,14 @@ class Report:
         ax.set_title(self.title)
         ax.legend(loc="upper right", fontsize=8)
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        try:
+            fig.savefig(path, dpi=100)
+        except OSError as exc:  # a read-only folder or file system, no space left, ...
+            raise SparsecError(f"cannot write the plot to {str(path)!r}: {exc.strerror or exc}") from None
+        except ValueError as exc:  # an extension matplotlib has no writer for
+            raise SparsecError(f"cannot write the plot to {str(path)!r}: {' '.join(str(exc).split())}") from None
+        finally:
+            plt.close(fig)
         return path
 
 
