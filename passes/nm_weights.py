@@ -374,12 +374,23 @@ class NMWeights(Pass):
                         why=f"{kept} {bits}-bit positions per row, rows padded to 4 bytes")
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
         step = max(1, (1 << 22) // max(kept, 1))  # rows per chunk: a few MiB of unpacked positions
+        if (kept * bits) % 8 == 0 and 8 % (n * bits) == 0:
+            # no group straddles a byte (1:m, 2:4, 2:8, 2:16): judge each of the 256 byte values
+            # once and look the bytes up; the field-by-field pass below only locates a problem
+            fields = ((torch.arange(256, dtype=torch.uint8).unsqueeze(-1) >> shifts) & ((1 << bits) - 1))
+            groups = fields.reshape(256, -1, n).sort(-1).values
+            bad_byte = (groups[..., 1:] == groups[..., :-1]).flatten(1).any(-1)
+            if (1 << bits) > m:  # else every field is below m (and m = 256 does not fit in uint8)
+                bad_byte |= (fields >= m).any(-1)
+            used = kept * bits // 8  # the bytes after these pad the row
+            if not any(bool(bad_byte[pos[r0:r0 + step * 8, :used].int()].any()) for r0 in range(0, out_f, step * 8)):
+                return
         for r0 in range(0, out_f, step):
             p = pos[r0:r0 + step]
             f = ((p.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)).reshape(p.shape[0], -1)[:, :kept]
             f = f.reshape(p.shape[0], kept // n, n)
-            bad = f >= m
-            if bool(bad.any()):
+            bad = f >= m if (1 << bits) > m else None
+            if bad is not None and bool(bad.any()):
                 r, g, j = (int(i) for i in bad.nonzero()[0])
                 raise pc.PlanTensorError(f"site {key!r}: tensor {name!r} holds position {int(f[r, g, j])} in group {g} "
                                          f"of row {r0 + r}; {n}:{m} positions must be below {m}")

@@ -134,7 +134,6 @@ def test_save_killed_at_random_moments_leaves_old_or_new_plan(tmp_path):
     path = tmp_path / "p.sparsec"
     _marked_plan("1").save(path)
     rng = random.Random(15)
-    seen = set()
     for _ in range(6):
         proc = _child(path, "1,2", 2_000_000, -1)
         try:
@@ -143,7 +142,7 @@ def test_save_killed_at_random_moments_leaves_old_or_new_plan(tmp_path):
         finally:
             proc.kill()
             proc.communicate(timeout=60)
-        seen.add(_assert_whole(sparsec.Plan.load(path)))
+        _assert_whole(sparsec.Plan.load(path))
     _marked_plan("3").save(path)
     assert _assert_whole(sparsec.Plan.load(path)) == "3"
     assert _stray_files(path) == []
@@ -431,3 +430,35 @@ def test_loaded_plan_with_threshold_zero_sites_still_compiles(tmp_path, tiny, ti
     path = plan.save(tmp_path / "p.sparsec")
     ids = torch.randint(0, 256, (1, 6))
     sparsec.export(tiny, (ids,), plan=sparsec.Plan.load(path))
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (2, 8), (4, 8), (2, 3), (3, 7), (2, 16), (1, 256), (3, 256)])
+def test_position_check_agrees_with_a_plain_decode(n, m):
+    """Single-byte edits of packed positions: check_entry refuses exactly the edits that put a
+    position out of range or twice in a group (a byte-table fast path covers 1:m, 2:4, 2:8,
+    2:16; m = 256 once compared uint8 positions with 256, which wrapped to 0)."""
+    from sparsec.kernels.nm import bits_for, nm_mask, pack
+    from sparsec.passes.nm_weights import NMWeights
+
+    g = torch.Generator().manual_seed(n * 1000 + m)
+    in_f = m * 8
+    w = torch.randn(6, in_f, generator=g)
+    values, positions = pack(w, nm_mask(w.abs(), n, m), n, m)
+    entry = {"pass": "nm_weights", "kind": "nm", "n": n, "m": m, "sparsity": 1 - n / m,
+             "weights": {"weight": "w"}, "weight_shapes": {"weight": [6, in_f]}}
+    NMWeights().check_entry("k", entry, {"k.values": values, "k.positions": positions})
+    kept, bits = in_f // m * n, bits_for(m)
+    used = -(-kept * bits // 8)
+    for _ in range(60):
+        p = positions.clone()
+        r, c, b = (int(torch.randint(hi, (1,), generator=g)) for hi in (6, used, 256))
+        p[r, c] = b
+        f = ((p.int().unsqueeze(-1) >> torch.arange(0, 8, bits)) & ((1 << bits) - 1)).reshape(6, -1)[:, :kept]
+        s = f.reshape(6, -1, n).sort(-1).values
+        bad = bool((f >= m).any()) or bool((s[..., 1:] == s[..., :-1]).any())
+        try:
+            NMWeights().check_entry("k", entry, {"k.values": values, "k.positions": p})
+        except PlanError:
+            assert bad, (r, c, b)
+        else:
+            assert not bad, (r, c, b)
