@@ -162,10 +162,11 @@ def test_pass_that_matches_nothing_says_so(tiny, tiny_plan):
     assert said and "activation_threshold" in str(said[0].message)  # why: the pass before it took the linears
 
 
-def _fallback_plan_refs():
+def _fallback_plans(model):
+    """The plans calibrated on the fly for ``model`` (other tests' models may have some too)."""
     from sparsec.backend import _FALLBACK_PLANS
 
-    return [weakref.ref(entry[1]) for cache in _FALLBACK_PLANS.values() for entry in cache.values()]
+    return [entry[1] for p in model.parameters() for entry in _FALLBACK_PLANS.get(p, {}).values()]
 
 
 def test_plans_calibrated_on_the_fly_are_freed(tiny_batches):
@@ -178,7 +179,7 @@ def test_plans_calibrated_on_the_fly_are_freed(tiny_batches):
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.compile(m, backend="sparsec", options=opts)(tiny_batches[0])
-        plans += _fallback_plan_refs()
+        plans += [weakref.ref(p) for p in _fallback_plans(m)]
         del m, opts
     assert plans
     torch._dynamo.reset()
@@ -236,8 +237,9 @@ def test_teal_calibrates_on_what_earlier_passes_produce(tiny, tiny_batches):
     recipe = {"passes": {"activation_threshold": teal, "scale_inputs_x8": {}}}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.compile(tiny, backend="sparsec", options={"recipe": recipe, "dense_backend": "eager"})(ids)
-    fly = next(e[1] for cache in __import__("sparsec.backend").backend._FALLBACK_PLANS.values() for e in cache.values())
+        fresh = tiny_llama()  # tiny's weights, and no plan calibrated on the fly by another test
+        torch.compile(fresh, backend="sparsec", options={"recipe": recipe, "dense_backend": "eager"})(ids)
+    (fly,) = _fallback_plans(fresh)
     plain_fly = calibrate_quiet(tiny, [ids], {"passes": {"activation_threshold": teal}})  # same data, no x8
     k = teal_keys[0]
     assert fly.sites[k]["threshold"] == pytest.approx(8 * plain_fly.sites[k]["threshold"], rel=0.05)
