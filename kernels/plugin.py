@@ -44,3 +44,21 @@ def sparsec_register_onnx_translations(register):
 
     for name, fn in onnx_translations.TRANSLATIONS.items():
         register(getattr(torch.ops.sparsec, name).default, fn)
+
+
+@hookimpl
+def sparsec_register_decompositions(register):
+    # ATen decompositions for MLIR export: thresholds become elementwise ops, linears one matmul
+    from sparsec.mlir_export import linear_as_mm
+
+    def threshold_linear(x, weight, bias, threshold):
+        return linear_as_mm(activation.threshold_reference(x, threshold), weight, bias)
+
+    def sparse_linear(x, weight_t, bias, threshold, weight=None, residual=None, group_weights=()):
+        y = linear_as_mm(activation.threshold_reference(x, threshold), weight_t.t(), bias)
+        return activation.add_residual(y, residual, "sparse_linear")
+
+    register(torch.ops.sparsec.threshold_linear.default, threshold_linear)
+    register(torch.ops.sparsec.sparse_linear.default, sparse_linear)
+    register(torch.ops.sparsec.cats_mlp.default, activation.cats_mlp_reference)
+    register(torch.ops.sparsec.sparse_cats_mlp.default, activation.sparse_cats_mlp_reference)

@@ -489,3 +489,11 @@ _PASS = ActivationThreshold()
 @hookimpl
 def sparsec_register_passes(register):
     register(_PASS)
+
+
+@hookimpl
+def sparsec_register_lowerings(register):
+    from sparsec.passes.activation_lowering import LOWERINGS
+
+    for op, lowering in LOWERINGS.items():
+        register(op, lowering)

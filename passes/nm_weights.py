@@ -540,3 +540,13 @@ _PASS = NMWeights()
 @hookimpl
 def sparsec_register_passes(register):
     register(_PASS)
+
+
+@hookimpl
+def sparsec_register_lowerings(register):
+    from sparsec.codegen import Lowering
+
+    # nm_linear runs as emitted (its compressed weights are the plan's); it adds a residual in
+    # its epilogue, and on CUDA becomes a triton_op twin (the activation family's Triton swap
+    # covers every generated kernel: sparsec.kernels.triton_gen.use_triton_ops)
+    register("sparsec::nm_linear", Lowering(epilogue="residual"))

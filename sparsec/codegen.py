@@ -1,16 +1,14 @@
 """Codegen: lower the passes' ops to kernels that read prepared weights.
 
-The passes emit ops on the model's own weights (``sparsec::threshold_linear``,
-``sparsec::cats_mlp``). Here, once per compile, each weight the kernels read row-wise is
-copied transposed (``W^T``: one contiguous row per input channel) into a buffer of the
-compiled graph module, and the op is swapped for its prepared twin
-(``sparsec::sparse_linear``, ``sparsec::sparse_cats_mlp``). Those dispatch on device: C++ on
-CPU tensors, generated Triton on CUDA tensors (``sparsec.kernels.triton_gen``), with the
-plain-torch reference as the fallback. Then ``fuse_residual_adds`` folds each residual add
-that consumes one of those ops into the op's epilogue (``residual=``). Where a GPU is
-present, the ops of CUDA sites become their ``torch.library.triton_op`` twins
-(``triton_gen.use_triton_ops``), so Inductor inlines the generated Triton kernels into its own
-code; CPU sites never do (tracing a Triton body needs a GPU driver).
+The passes emit ops on the model's own weights. Each op a plugin wants lowered has a
+``Lowering`` registered through ``sparsec_register_lowerings``: ``lower`` calls its
+``prepare`` with the op's nodes and a ``LoweringContext`` whose derived-weight cache makes,
+once per compile, the weight copies its kernels read (``transposed``: ``W^T``, one contiguous
+row per input channel, in huge-page memory on CPU). Then ``fuse_residual_adds`` folds each
+residual add that consumes an op with an ``epilogue`` into it, and, where a GPU is present,
+each lowering's ``triton`` swaps the ops of CUDA sites for ``torch.library.triton_op`` twins
+that Inductor inlines; CPU sites never do (tracing a Triton body needs a GPU driver). Core
+names no method: the built-in families register their lowerings like third-party plugins.
 
 Prepared weights are copies (about 0.8x the model's linear weights, more memory). The
 compiled callable (``RefreshingCallable``) checks, on every call, that it got the weight
@@ -30,6 +28,7 @@ import operator
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.fx as fx
@@ -39,13 +38,9 @@ from sparsec.kernels.cpu import empty_huge, version_of
 from .errors import PlanError, SparsecNotice
 from .passbase import GraphContext
 
-__all__ = ["Prepared", "Pinned", "lower", "fuse_residual_adds", "RefreshingCallable", "weight_digest"]
+__all__ = ["Lowering", "LoweringContext", "Prepared", "Pinned", "lower", "op_name", "fuse_residual_adds",
+           "RefreshingCallable", "weight_digest"]
 
-# op -> (prepared twin, index of the weight that is prepared transposed)
-_LOWERINGS = {
-    "threshold_linear": ("sparse_linear", 1),
-    "cats_mlp": ("sparse_cats_mlp", 5),
-}
 
 
 @dataclass
@@ -102,34 +97,48 @@ class Pinned:
     replaced_by: str
 
 
-def _lowerable(op) -> tuple | None:
-    if getattr(op, "namespace", None) != "sparsec":
-        return None
-    return _LOWERINGS.get(op._schema.name.split("::")[-1]) if hasattr(op, "_schema") else None
+@dataclass(frozen=True)
+class Lowering:
+    """How core lowers one op that a plugin's passes emit (``sparsec_register_lowerings``).
 
-
-def lower(ctx: GraphContext) -> list[Prepared]:
-    """Swap the passes' ops for their prepared twins in ``ctx.gm``; return the prepared weights.
-
-    TEAL linears that read the same input with the same threshold and no bias (q/k/v, gate/up)
-    are fused horizontally: one kernel call over their transposed weights side by side (each
-    active input channel is then one longer contiguous row), its output sliced per linear.
-    On SmolLM2 that is 4 calls per block instead of 7; small GEMVs are dominated by per-call
-    costs. Needs real weights (``ctx.tensors``): the dynamo entry point has them. An op whose
-    weight is not a known parameter is left as it is (it runs through the unprepared op).
+    - ``prepare(lctx, nodes)``: rewrite every node of the op (in graph order) into what runs,
+      typically its prepared twin on derived weight copies from ``lctx.transposed``; ``None``:
+      the op runs as emitted.
+    - ``epilogue``: the name of the op's residual argument, if it adds one in place: core then
+      folds ``residual + op(...)`` into it (exact adds only, see ``fuse_residual_adds``).
+    - ``triton(gm)``: on a machine with a GPU, swap the op's CUDA nodes for ``triton_op`` twins
+      that Inductor inlines; returns how many.
     """
-    gm, graph = ctx.gm, ctx.gm.graph
-    made: dict[tuple, tuple[str, Prepared]] = {}
 
-    def real_of(node):
-        fqn = ctx.params.get(node) if isinstance(node, fx.Node) else None
-        t = ctx.tensors.get(fqn) if fqn is not None else None
+    prepare: Callable | None = None
+    epilogue: str | None = None
+    triton: Callable | None = None
+
+
+class LoweringContext:
+    """What a ``Lowering.prepare`` gets: the graph context and the derived-weight cache.
+
+    Derived weights (the transposed copies kernels stream row by row) are made once per
+    compile, registered as buffers of the graph module, and kept current by the compiled
+    callable (``RefreshingCallable``) from the weights the graph is called with."""
+
+    def __init__(self, ctx: GraphContext):
+        self.ctx = ctx
+        self.made: dict[tuple, tuple[str, Prepared]] = {}
+
+    def real_weight(self, node) -> tuple[str | None, torch.Tensor | None]:
+        """``(FQN, tensor)`` of a node that is a 2-D model parameter with a real value."""
+        fqn = self.ctx.params.get(node) if isinstance(node, fx.Node) else None
+        t = self.ctx.tensors.get(fqn) if fqn is not None else None
         return (fqn, t) if t is not None and t.dim() == 2 else (None, None)
 
-    def prepared(fqns_weights) -> tuple[str, Prepared]:
+    def transposed(self, fqns_weights: list, before: fx.Node) -> tuple[fx.Node, Prepared]:
+        """A ``get_attr`` node (inserted before ``before``) for the weights transposed and side
+        by side, ``[in, sum(out)]``: each input channel one contiguous row. One copy per set."""
         key = tuple(f for f, _ in fqns_weights)
-        if key not in made:
-            attr = f"_sparsec_wt_{len(made)}"
+        gm = self.ctx.gm
+        if key not in self.made:
+            attr = f"_sparsec_wt_{len(self.made)}"
             parts = [w.detach().t() for _, w in fqns_weights]
             shape = (parts[0].shape[0], sum(p.shape[1] for p in parts))
             if parts[0].device.type == "cpu":  # scattered row reads: huge pages spare TLB misses
@@ -141,95 +150,57 @@ def lower(ctx: GraphContext) -> list[Prepared]:
                 sources.append([f, w, c, c + w.shape[0], version_of(w), w.data_ptr()])
                 c += w.shape[0]
             gm.register_buffer(attr, buf)
-            made[key] = (attr, Prepared("+".join(key), buf, sources))
-        return made[key]
+            self.made[key] = (attr, Prepared("+".join(key), buf, sources))
+        attr, prep = self.made[key]
+        with gm.graph.inserting_before(before):
+            node = gm.graph.get_attr(attr)
+        node.meta["val"] = prep.buffer
+        return node, prep
 
-    def get_attr(attr, before):
-        with graph.inserting_before(before):
-            g = graph.get_attr(attr)
-        g.meta["val"] = getattr(gm, attr)
-        return g
+    @property
+    def prepared(self) -> list[Prepared]:
+        return [p for _, p in self.made.values()]
 
-    groups: dict[tuple, list] = defaultdict(list)
-    for node in list(graph.nodes):
-        if node.op != "call_function":
+
+def op_name(target) -> str | None:
+    """``"ns::name"`` of a ``torch.library`` op (its overload packet's schema name)."""
+    schema = getattr(target, "_schema", None)
+    return schema.name if schema is not None else None
+
+
+def lower(ctx: GraphContext, registry=None) -> list[Prepared]:
+    """Lower the passes' ops in ``ctx.gm`` through the registered ``Lowering`` of each op (in
+    registration order, built-ins first); return the derived weights made.
+
+    Then residual adds are folded into the ops that declare an ``epilogue``, and, where a GPU
+    is present, CUDA sites are swapped for their ``triton_op`` twins. Needs real weights
+    (``ctx.tensors``): the dynamo entry point has them.
+    """
+    from .plugins import get_registry
+
+    reg = registry or get_registry()
+    lctx = LoweringContext(ctx)
+    graph = ctx.gm.graph
+    for name, low in reg.lowerings.items():
+        if low.prepare is None:
             continue
-        low = _lowerable(node.target)
-        if low is None:
-            continue
-        twin, idx = low
-        fqn, real = real_of(node.args[idx])
-        if real is None:
-            continue
-        if twin == "sparse_linear" and node.args[2] is None:
-            groups[(node.args[0], float(node.args[3]))].append((node, fqn, real))
-            continue
-        attr, prep = prepared([(fqn, real)])
-        args = list(node.args)
-        args[idx] = get_attr(attr, node)
-        kwargs = dict(node.kwargs)
-        if twin == "sparse_linear":
-            args.append(node.args[1])  # the original weight, for the dense paths (prefill)
-        else:
-            kwargs["down_weight"] = node.args[5]  # likewise the original down weight
-        with graph.inserting_before(node):
-            new = graph.call_function(getattr(torch.ops.sparsec, twin).default, tuple(args), kwargs)
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
-        if real.is_cuda:
-            from sparsec.kernels import triton_gen
-
-            triton_gen.prepare_site(twin, new, prep.buffer)
-
-    for (x, t), members in groups.items():
-        first = members[0][0]  # members were collected in graph order
-        attr, prep = prepared([(f, w) for _, f, w in members])
-        with graph.inserting_before(first):
-            g = graph.get_attr(attr)
-            g.meta["val"] = prep.buffer
-            # the original weights too, for the dense paths (prefill): a lone linear's, or each
-            # member's (one GEMM per member: faster than one on the concatenated W^T)
-            if len(members) == 1:
-                fused = graph.call_function(torch.ops.sparsec.sparse_linear.default,
-                                            (x, g, None, t, members[0][0].args[1]))
-            else:
-                fused = graph.call_function(torch.ops.sparsec.sparse_linear.default, (x, g, None, t),
-                                            {"group_weights": [node.args[1] for node, _, _ in members]})
-        fused.meta.update(first.meta)
-        for (node, fqn, w), (_, _, c0, c1, _, _) in zip(members, prep.sources):
-            if len(members) == 1:
-                out = fused
-            else:
-                with graph.inserting_before(first):
-                    out = graph.call_function(torch.ops.aten.slice.Tensor, (fused, -1, c0, c1))
-                out.meta.update(node.meta)
-            node.replace_all_uses_with(out)
-        for node, _, _ in members:  # only now: `first` anchors the insertions above
-            graph.erase_node(node)
-        if prep.buffer.is_cuda:
-            from sparsec.kernels import triton_gen
-
-            triton_gen.prepare_site("sparse_linear", fused, prep.buffer)
-    fuse_residual_adds(gm)
+        nodes = [n for n in graph.nodes if n.op == "call_function" and op_name(n.target) == name]
+        if nodes:
+            low.prepare(lctx, nodes)
+    fuse_residual_adds(ctx.gm, {name: low.epilogue for name, low in reg.lowerings.items() if low.epilogue})
     if torch.cuda.is_available():
-        from sparsec.kernels import triton_gen
-
-        if triton_gen.available():
-            triton_gen.use_triton_ops(gm)  # CUDA sites: kernels Inductor sees (triton_op)
+        for low in reg.lowerings.values():
+            if low.triton is not None:
+                low.triton(ctx.gm)  # CUDA sites: kernels Inductor sees (triton_op)
     graph.lint()
-    gm.recompile()
-    return [p for _, p in made.values()]
+    ctx.gm.recompile()
+    return lctx.prepared
 
 
-#: kernels with a residual-add epilogue (``residual=``): the Triton templates add it in the
-#: store (one launch fewer per linear: o_proj and down_proj of every block), the C++ kernels
-#: in place on their fresh output
-_EPILOGUE_OPS = {"sparsec::sparse_linear", "sparsec::sparse_cats_mlp", "sparsec::nm_linear"}
-
-
-def fuse_residual_adds(gm: fx.GraphModule) -> int:
-    """``aten.add(residual, op(...))`` -> ``op(..., residual=residual)``; returns how many.
+def fuse_residual_adds(gm: fx.GraphModule, epilogues: dict[str, str] | None = None) -> int:
+    """``aten.add(residual, op(...))`` -> ``op(..., residual=residual)`` for each op named in
+    ``epilogues`` (op -> its residual argument; default: every registered ``Lowering``'s
+    ``epilogue``); returns how many.
 
     Only where the op's output has no other user and the add neither broadcasts nor promotes
     (residual, op output and sum of one shape and dtype, provably for symbolic shapes) and
@@ -240,6 +211,10 @@ def fuse_residual_adds(gm: fx.GraphModule) -> int:
         return (a is not None and b is not None and a.dtype == b.dtype and a.dim() == b.dim()
                 and all(statically_known_true(x == y) for x, y in zip(a.shape, b.shape)))
 
+    if epilogues is None:
+        from .plugins import get_registry
+
+        epilogues = {name: low.epilogue for name, low in get_registry().lowerings.items() if low.epilogue}
     graph, fused = gm.graph, 0
     for add in list(graph.nodes):
         if add.op != "call_function" or add.target is not torch.ops.aten.add.Tensor or add.kwargs or len(add.args) != 2:
@@ -247,17 +222,17 @@ def fuse_residual_adds(gm: fx.GraphModule) -> int:
         for out, res in (add.args, add.args[::-1]):
             if not (isinstance(out, fx.Node) and isinstance(res, fx.Node)) or out is res or out.op != "call_function":
                 continue
-            schema = getattr(out.target, "_schema", None)
-            if schema is None or schema.name not in _EPILOGUE_OPS or len(out.users) != 1:
+            arg = epilogues.get(op_name(out.target) or "")
+            if arg is None or len(out.users) != 1:
                 continue
-            n_pos = [a.name for a in schema.arguments].index("residual")
-            if out.kwargs.get("residual") is not None or (len(out.args) > n_pos and out.args[n_pos] is not None):
+            n_pos = [a.name for a in out.target._schema.arguments].index(arg)
+            if out.kwargs.get(arg) is not None or (len(out.args) > n_pos and out.args[n_pos] is not None):
                 continue
             vo, vr, va = (n.meta.get("val") for n in (out, res, add))
             if not (same(vo, vr) and same(vo, va)):
                 continue
             with graph.inserting_before(add):  # every input of `out` and `res` is defined by now
-                new = graph.call_function(out.target, tuple(out.args), {**out.kwargs, "residual": res})
+                new = graph.call_function(out.target, tuple(out.args), {**out.kwargs, arg: res})
             new.meta.update(add.meta)
             add.replace_all_uses_with(new)
             graph.erase_node(add)

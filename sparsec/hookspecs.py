@@ -55,3 +55,27 @@ class SparsecSpec:
     @hookspec
     def sparsec_register_recipes(self, register):
         """Register named recipes: ``register(name, recipe_dict, description="...")``."""
+
+    @hookspec
+    def sparsec_register_lowerings(self, register):
+        """Register how each custom op is lowered when compiling: ``register(op, Lowering(...))``.
+
+        ``sparsec.codegen.Lowering(prepare=fn(lctx, nodes), epilogue="residual", triton=fn(gm))``:
+        ``prepare`` rewrites the op's nodes into what runs (prepared weight copies from
+        ``lctx.transposed``, fused groups, the kernel op); ``epilogue`` names a residual argument
+        the op adds in place, so core folds ``residual + op(...)`` into it; ``triton`` swaps the
+        op's CUDA nodes for ``triton_op`` twins. Ops without a lowering run as the passes emit
+        them. One lowering per op: a second is an error naming both plugins.
+        """
+
+    @hookspec
+    def sparsec_register_decompositions(self, register):
+        """Register the ATen decomposition of each custom op for MLIR export: ``register(op, fn)``.
+
+        ``fn`` takes the op's arguments and computes its result with ATen ops only (the
+        plain-torch reference usually is one); ``sparsec.export_mlir`` runs it through
+        ``ExportedProgram.run_decompositions`` before torch-mlir imports the program. Called
+        only when exporting to MLIR. Exporting a graph with an op that has no decomposition is
+        an ``ExportError`` naming the op.
+        """
+

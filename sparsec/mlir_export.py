@@ -32,7 +32,7 @@ from .errors import ExportError
 from .export import export
 from .plan import Plan
 
-__all__ = ["export_mlir", "nm_encoding", "run_sparsified"]
+__all__ = ["export_mlir", "nm_encoding", "run_sparsified", "linear_as_mm"]
 
 
 def nm_encoding(n: int, m: int) -> str:
@@ -47,26 +47,21 @@ def _linear_as_mm(x, weight, bias=None):
     return y if bias is None else y + bias
 
 
+#: a linear as one 2-D matmul on the transposed weight: plugins' decompositions use it so
+#: that every linear reaches torch-mlir in the form the sparse encoding step recognises
+linear_as_mm = _linear_as_mm
+
+
 def _decompositions() -> dict:
+    """torch-mlir's table, ``aten.linear`` as one matmul, and every plugin op's decomposition
+    (``sparsec_register_decompositions``)."""
     from torch_mlir.extras.fx_decomp_util import get_decomposition_table
 
-    from sparsec.kernels import activation
+    from .plugins import get_registry
 
-    def threshold_linear(x, weight, bias, threshold):
-        return _linear_as_mm(activation.threshold_reference(x, threshold), weight, bias)
-
-    def sparse_linear(x, weight_t, bias, threshold, weight=None, residual=None):
-        y = _linear_as_mm(activation.threshold_reference(x, threshold), weight_t.t(), bias)
-        return activation.add_residual(y, residual, "sparse_linear")
-
-    return {
-        **get_decomposition_table(),
-        torch.ops.aten.linear.default: _linear_as_mm,
-        torch.ops.sparsec.threshold_linear.default: threshold_linear,
-        torch.ops.sparsec.sparse_linear.default: sparse_linear,
-        torch.ops.sparsec.cats_mlp.default: activation.cats_mlp_reference,
-        torch.ops.sparsec.sparse_cats_mlp.default: activation.sparse_cats_mlp_reference,
-    }
+    table = {**get_decomposition_table(), torch.ops.aten.linear.default: _linear_as_mm}
+    table.update({info.op: info.fn for info in get_registry().decompositions().values()})
+    return table
 
 
 def _resource_hex(t: torch.Tensor) -> str:

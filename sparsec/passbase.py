@@ -145,6 +145,9 @@ class Pass:
     """
 
     name: ClassVar[str] = ""
+    #: "rewrite" (pure rewrites), or "state": the pass may emit ops that mutate declared cache
+    #: inputs (``mutates_args``); state passes run after every other pass (passes/README.md)
+    phase: ClassVar[str] = "rewrite"
     after: ClassVar[tuple[str, ...]] = ()
     before: ClassVar[tuple[str, ...]] = ()
     config_cls: ClassVar[type | None] = None

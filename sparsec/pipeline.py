@@ -91,6 +91,15 @@ def order_passes(reg: Registry, names) -> list[str]:
                 raise PluginError(f"pass {name!r} (plugin {reg.pass_plugin[name]!r}) must run before {other!r}, which no plugin registers")
             if other in names:
                 g.add_edge(name, other)
+    # the state phase runs last: a pass that mutates a cache sees every other rewrite done
+    state = [n for n in names if getattr(reg.passes[n], "phase", "rewrite") == "state"]
+    for name in state:
+        for other in names:
+            if other not in state:
+                if g.has_edge(name, other):
+                    raise PluginError(f"pass {name!r} is a state pass (it mutates a cache) and runs last, but it "
+                                      f"asks to run before {other!r}")
+                g.add_edge(other, name)
     try:
         # lexicographic among unconstrained passes: the order never depends on dict order
         return list(nx.lexicographical_topological_sort(g))
@@ -98,6 +107,33 @@ def order_passes(reg: Registry, names) -> list[str]:
         cycle = nx.find_cycle(g)
         path = " -> ".join([u for u, _ in cycle] + [cycle[0][0]])
         raise PluginError(f"pass ordering has a cycle: {path}") from None
+
+
+def _mutated_args(node: fx.Node) -> list:
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return []
+    out = []
+    for i, a in enumerate(schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            out.append(node.args[i] if i < len(node.args) and not a.kwarg_only else node.kwargs.get(a.name))
+    return out
+
+
+def _check_mutations(ctx: GraphContext, name: str, phase: str, before: set) -> None:
+    """The state contract (``passes/README.md``): only a ``phase = "state"`` pass may emit ops
+    that mutate, and only graph inputs (a cache's static-address tensors), never a parameter."""
+    for node in ctx.gm.graph.nodes:
+        if node in before or node.op != "call_function":
+            continue
+        for arg in _mutated_args(node):
+            what = f"pass {name!r} emitted {node.target} mutating {getattr(arg, 'name', arg)!r}"
+            if phase != "state":
+                raise PassError(f"{what}: only a state pass (phase = 'state') may mutate, and only a declared cache input")
+            if not isinstance(arg, fx.Node) or arg.op != "placeholder":
+                raise PassError(f"{what}, which is not a graph input: a state pass mutates only cache inputs")
+            if arg in ctx.params:
+                raise PassError(f"{what}, which is the model parameter {ctx.params[arg]!r}: passes never mutate weights")
 
 
 def _debug_dir() -> Path | None:
@@ -131,10 +167,12 @@ def run_pipeline(ctx: GraphContext, recipe, plan, *, on_plugin_error: str = "rai
         # with "skip", the pass works on a copy that replaces the graph only if it succeeds: a
         # pass that rewrote some sites and then raised must leave no half-applied edit behind
         work = _copy_context(ctx) if on_plugin_error == "skip" else ctx
+        before_nodes = set(work.gm.graph.nodes)
         try:
             sites = p.match(work, cfg)
             counters[name]["sites_matched"] += len(sites)
             changed = bool(p.rewrite(work, sites, cfg, plan)) if sites else False
+            _check_mutations(work, name, getattr(p, "phase", "rewrite"), before_nodes)
         except SparsecError:
             raise  # already says what is wrong (a plan mismatch, say)
         except Exception as exc:

@@ -70,7 +70,11 @@ class Registry:
     pass_plugin: dict[str, str] = field(default_factory=dict)
     kernels: dict[str, KernelInfo] = field(default_factory=dict)
     recipes: dict[str, RecipeInfo] = field(default_factory=dict)
+    #: op name ("ns::name") -> its Lowering (sparsec.codegen), in registration order
+    lowerings: dict[str, Any] = field(default_factory=dict)
+    lowering_plugin: dict[str, str] = field(default_factory=dict)
     _onnx: dict[str, TranslationInfo] | None = None
+    _decompositions: dict[str, TranslationInfo] | None = None
 
     def onnx_translations(self) -> dict[str, TranslationInfo]:
         """Op name -> its ONNX translation; the hook runs on first use (it imports onnxscript)."""
@@ -95,6 +99,28 @@ class Registry:
             _call_each(self.pm, "sparsec_register_onnx_translations", make_register)
             self._onnx = table
         return self._onnx
+
+    def decompositions(self) -> dict[str, TranslationInfo]:
+        """Op name -> its ATen decomposition for MLIR; the hook runs on first use."""
+        if self._decompositions is None:
+            table: dict[str, TranslationInfo] = {}
+
+            def make_register(plugin_name):
+                def register(op, fn):
+                    name = KernelInfo(op=op, reference=fn, plugin=plugin_name).name
+                    if not callable(fn):
+                        raise PluginError(f"plugin {plugin_name!r}: the decomposition of {name!r} is not callable")
+                    if name in table:
+                        raise PluginError(f"two decompositions for op {name!r}: from plugin {table[name].plugin!r} "
+                                          f"and from plugin {plugin_name!r}")
+                    table[name] = TranslationInfo(op=op, fn=fn, plugin=plugin_name)
+                    _trace(f"  decomposition {name!r} from {plugin_name}")
+
+                return register
+
+            _call_each(self.pm, "sparsec_register_decompositions", make_register)
+            self._decompositions = table
+        return self._decompositions
 
     def get_pass(self, name: str):
         if name not in self.passes:
@@ -185,9 +211,27 @@ def build_registry(pm: pluggy.PluginManager) -> Registry:
 
         return register
 
+    def lowering_register(plugin_name):
+        def register(op, lowering):
+            from .codegen import Lowering
+
+            name = op if isinstance(op, str) else KernelInfo(op=op, reference=None, plugin=plugin_name).name
+            if not isinstance(lowering, Lowering):
+                raise PluginError(f"plugin {plugin_name!r}: the lowering of {name!r} must be a sparsec.codegen.Lowering, "
+                                  f"got {type(lowering).__name__}")
+            if name in reg.lowerings:
+                raise PluginError(f"two lowerings for op {name!r}: from plugin {reg.lowering_plugin[name]!r} "
+                                  f"and from plugin {plugin_name!r}")
+            reg.lowerings[name] = lowering
+            reg.lowering_plugin[name] = plugin_name
+            _trace(f"  lowering {name!r} from {plugin_name}")
+
+        return register
+
     _call_each(pm, "sparsec_register_kernels", kernel_register)
     _call_each(pm, "sparsec_register_passes", pass_register)
     _call_each(pm, "sparsec_register_recipes", recipe_register)
+    _call_each(pm, "sparsec_register_lowerings", lowering_register)
     return reg
 
 
