@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cpu
-from .cpu import empty_huge, version_of
+from ._common import empty_huge, version_of
 
 #: tokens per call up to which the sparse kernels run (the issue's decode range, batch 1-16)
 MAX_KERNEL_ROWS = 16

@@ -22,14 +22,11 @@ their plain-torch references (correct, not fast).
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import hashlib
 import importlib.util
 import json
 import logging
-import math
-import mmap
 import os
 import platform
 import shutil
@@ -42,6 +39,8 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+
+from ._common import HUGE_PAGE, empty_huge, version_of  # noqa: F401  (re-exported: older imports)
 
 __all__ = ["extension", "loaded", "isa", "cache_dir", "build_info", "ISA_FLAGS", "empty_huge"]
 
@@ -60,13 +59,6 @@ BASE_FLAGS = ["-O3", "-fopenmp", "-std=c++17"]
 _loaded: dict[str, ModuleType | None] = {}
 _info: dict[str, dict] = {}
 _registered: list[str] = []
-
-
-def version_of(t: torch.Tensor) -> int:
-    """``t._version``; -1 for inference tensors, which keep no version counter (reading it
-    raises). They change only inside ``torch.inference_mode``, where a weight update is not
-    seen: a model built there runs on the copies made at compile time."""
-    return -1 if t.is_inference() else t._version
 
 
 def isa() -> str:
@@ -366,35 +358,3 @@ def _build(name: str, which: str, flags: list[str], root: Path, final: Path) -> 
 def build_info() -> dict[str, dict]:
     """What :func:`extension` built or loaded in this process: name, isa, cached, build seconds."""
     return dict(_info)
-
-
-HUGE_PAGE = 2 << 20
-
-
-def empty_huge(shape, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised CPU tensor in memory the OS may back with 2 MiB transparent huge pages.
-
-    The activation-sparse kernels read scattered rows of a prepared weight; with 4 KiB pages
-    nearly every row starts with a TLB miss and a page walk. Measured here (1 thread, cold,
-    fp32 batch 1, medians of 41 interleaved samples, two runs each): 4096x11008 at s = 0.9
-    3.55-4.65 ms -> 2.53-2.54 ms, at s = 0.5 11.6-12.8 -> 9.6-9.9 ms; 4096x4096 at s = 0.9
-    1.06-1.23 -> 0.91-0.94 ms; F.linear on the (4 KiB-paged) original weight moved by noise only.
-
-    An anonymous mapping, 2 MiB-aligned, marked ``MADV_HUGEPAGE`` (Linux with THP in ``always``
-    or ``madvise`` mode; elsewhere, or below 2 MiB, or with ``SPARSEC_HUGE_PAGES=0``, a plain
-    ``torch.empty``). The tensor keeps the mapping alive and frees it when it dies.
-    """
-    nbytes = math.prod(int(d) for d in shape) * dtype.itemsize
-    if (nbytes < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE") or sys.platform != "linux"
-            or os.environ.get("SPARSEC_HUGE_PAGES", "1") == "0"):
-        return torch.empty(shape, dtype=dtype)
-    try:
-        m = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        probe = ctypes.c_char.from_buffer(m)
-        offset = -ctypes.addressof(probe) % HUGE_PAGE
-        del probe  # a live export would keep the mapping from ever closing
-        m.madvise(mmap.MADV_HUGEPAGE, offset, nbytes // HUGE_PAGE * HUGE_PAGE)
-    except (OSError, ValueError) as e:  # no THP support in this kernel, or no memory for the mapping
-        log.debug("sparsec: no huge-page buffer (%s); using torch.empty", e)
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(m, dtype=torch.uint8, count=nbytes, offset=offset).view(dtype).view(tuple(shape))

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
 from . import cpu
-from .cpu import version_of
+from ._common import version_of
 
 __all__ = ["bits_for", "nm_mask", "pack", "unpack", "nm_linear_reference", "check_nm", "semi_structured_route"]
 

@@ -258,8 +258,8 @@ class ActivationThreshold(Pass):
         if config.mode == "teal" and config.allocation == "greedy":
             if greedy_scorer is None:
                 warnings.warn(
-                    "sparsec: greedy allocation needs the model (sparsec.calibrate(model, ...)); "
-                    "using uniform allocation on these inputs",
+                    "sparsec: greedy allocation has no scorer here (it needs sparsec.calibrate(model, ...) on "
+                    "sites that are nn.Linear modules); using uniform allocation",
                     stacklevel=3,
                 )
             else:
@@ -283,6 +283,34 @@ class ActivationThreshold(Pass):
                     **({"activation": s.activation} if s.kind == "cats" else {}),
                 }
         return entries
+
+    def held_out_batches(self, config: ActivationThresholdConfig) -> int:
+        """Calibration batches to keep out of the histograms, to score the greedy steps on."""
+        return config.greedy_batches if config.allocation == "greedy" else 0
+
+    def scorer_transform(self, config: ActivationThresholdConfig):
+        """How a site's value acts on its input when ``sparsec.calibrate`` scores a choice on
+        the model (TEAL's greedy allocation); ``None``: this config scores nothing."""
+        from sparsec.kernels.activation import threshold_reference
+
+        return threshold_reference if config.mode == "teal" and config.allocation == "greedy" else None
+
+    def report_row(self, key: str, e: dict) -> dict | None:
+        """Weight bytes read per token at the measured sparsity. TEAL: only the weight rows of
+        active inputs are read. CATS: the gate densely, up and down only for active channels.
+        Sites at sparsity 0 stay dense and are left out."""
+        if e.get("sparsity", 0) <= 0:
+            return None
+        dense = int(e.get("weight_bytes", 0))
+        s = float(e.get("measured_sparsity", e.get("sparsity", 0.0)))
+        sparse = dense * (1 - s)
+        if e.get("kind") == "cats":
+            shapes = e.get("weight_shapes", {})
+            g = shapes.get("gate_weight", [0, 0])
+            gate = dense * (g[0] * g[1]) / max(sum(v[0] * v[1] for k, v in shapes.items() if k.endswith("_weight")), 1)
+            sparse = gate + (dense - gate) * (1 - s)
+        return {"kind": e.get("kind", "?"), "target": float(e["sparsity"]), "measured": float(e.get("measured_sparsity", 0.0)),
+                "threshold": float(e.get("threshold", float("nan"))), "bytes_dense": dense, "bytes_sparse": int(sparse)}
 
     def check_entry(self, key: str, entry: dict, tensors) -> None:
         """A plan entry of this pass, as ``rewrite`` and the kernels read it: a NaN threshold
@@ -497,3 +525,21 @@ def sparsec_register_lowerings(register):
 
     for op, lowering in LOWERINGS.items():
         register(op, lowering)
+
+
+#: named recipes of this family (``sparsec recipes`` lists them)
+RECIPES = {
+    "teal-25": ("TEAL, 25% of every block linear's input, greedy per-block allocation", {"mode": "teal", "sparsity": 0.25}),
+    "teal-40": ("TEAL, 40%, greedy per-block allocation", {"mode": "teal", "sparsity": 0.40}),
+    "teal-50": ("TEAL, 50%, greedy per-block allocation", {"mode": "teal", "sparsity": 0.50}),
+    "teal-40-uniform": ("TEAL, 40%, the same sparsity at every linear", {"mode": "teal", "sparsity": 0.40, "allocation": "uniform"}),
+    "teal-50-uniform": ("TEAL, 50%, the same sparsity at every linear", {"mode": "teal", "sparsity": 0.50, "allocation": "uniform"}),
+    "cats-50": ("CATS, 50% of the gated-MLP activation", {"mode": "cats", "sparsity": 0.50}),
+}
+
+
+@hookimpl
+def sparsec_register_recipes(register):
+    for name, (desc, section) in RECIPES.items():
+        register(name, {"passes": {"activation_threshold": section}}, description=desc)
+

@@ -26,7 +26,6 @@ Example recipe::
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import warnings
 import weakref
@@ -336,6 +335,13 @@ class NMWeights(Pass):
             entry["weight_sample"] = weight_sample(original)
         return entry, tensors
 
+    def report_row(self, key: str, e: dict) -> dict | None:
+        """Weight bytes per token: dense, and the compressed values + packed positions read."""
+        dense = int(e.get("weight_bytes", 0))
+        return {"kind": e.get("kind", "nm"), "target": float(e.get("sparsity", 0.0)),
+                "measured": float(e.get("measured_sparsity", 0.0)), "threshold": float(e.get("threshold", float("nan"))),
+                "bytes_dense": dense, "bytes_sparse": int(e.get("compressed_bytes", dense))}
+
     def check_entry(self, key: str, entry: dict, tensors) -> None:
         """A plan entry of this pass and its tensors, as ``rewrite`` and the kernels read them:
         values and positions of the weight's shape and dtype, every packed position inside its
@@ -550,3 +556,22 @@ def sparsec_register_lowerings(register):
     # its epilogue, and on CUDA becomes a triton_op twin (the activation family's Triton swap
     # covers every generated kernel: sparsec.kernels.triton_gen.use_triton_ops)
     register("sparsec::nm_linear", Lowering(epilogue="residual"))
+
+
+#: named recipes of this family (``sparsec recipes`` lists them)
+RECIPES = {
+    "magnitude-24": ("2:4 weights by magnitude (no calibration data used)", {"n": 2, "m": 4, "method": "magnitude"}),
+    "wanda-24": ("2:4 weights, Wanda scores |W| ||X||", {"n": 2, "m": 4, "method": "wanda"}),
+    "sparsegpt-24": ("2:4 weights, SparseGPT (OBS updates, block by block)", {"n": 2, "m": 4, "method": "sparsegpt"}),
+}
+
+
+@hookimpl
+def sparsec_register_recipes(register):
+    for name, (desc, section) in RECIPES.items():
+        register(name, {"passes": {"nm_weights": section}}, description=desc)
+    register("sparsegpt-24-teal-40",
+             {"passes": {"nm_weights": RECIPES["sparsegpt-24"][1],
+                         "activation_threshold": {"mode": "teal", "sparsity": 0.40}}},
+             description="2:4 SparseGPT weights and TEAL 40% inputs, fused into one op per linear")
+

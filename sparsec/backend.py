@@ -12,6 +12,7 @@ that changes in place. Thresholds are constants of the compiled graph: a new pla
 
 from __future__ import annotations
 
+import itertools
 import warnings
 import weakref
 from pathlib import Path
@@ -30,9 +31,38 @@ from .recipes import CompileOptions, resolve_recipe
 __all__ = ["sparsec_backend", "SparsecNotice", "compiled_sites"]
 
 
-#: weight tensor -> {site key: plan entry}; lets ``sparsec.report(compiled)`` find what the
-#: backend did to a model without reaching into dynamo's private state.
-_SITES = torch.utils.weak.WeakIdKeyDictionary()
+class _CompileRecord:
+    """What one torch.compile call (one options object) rewrote, over all its graphs: prefill
+    and decode graphs, graphs on either side of a break, recompiles."""
+
+    def __init__(self, options):
+        self.options = options
+        self.stamp = 0
+        self.sites: dict[str, dict] = {}
+
+
+#: weight tensor -> the record of the latest compile that captured it; lets
+#: ``sparsec.report(compiled)`` find what the backend did without dynamo's private state
+_RECORDS = torch.utils.weak.WeakIdKeyDictionary()
+_stamps = itertools.count(1)
+
+
+def _record(ctx, result, plan, recipe, options) -> None:
+    tensors = list(ctx.tensors.values())
+    rec = next((r for r in (_RECORDS.get(t) for t in tensors) if r is not None and r.options is options), None)
+    rec = rec or _CompileRecord(options)
+    rec.stamp = next(_stamps)
+    for s in result.sites:
+        entry = plan.sites.get(s.key)
+        if entry is None:  # a pass that needs no plan (no calibration): what the site says
+            cfg = recipe.passes.get(s.pass_name)
+            entry = {"pass": s.pass_name, "kind": s.kind, "block": s.block, "weight_bytes": s.weight_bytes,
+                     "weight_shapes": s.weight_shapes, "sparsity": float(getattr(cfg, "sparsity", 0.0) or 0.0)}
+        rec.sites[s.key] = entry
+    for t in tensors:
+        _RECORDS[t] = rec
+
+
 #: plans calibrated on the fly, so that recompiles (another shape) reuse the same thresholds:
 #: {a weight of the model: {id(options): (options, plan, {weight name: weakref to the tensor
 #: it was calibrated on})}}. Keyed weakly by the model's weight, so a plan lives as long as
@@ -67,12 +97,9 @@ def _notice(msg: str) -> None:
 
 
 def compiled_sites(params) -> dict[str, dict]:
-    """The sites the backend rewrote whose weights are among ``params``."""
-    out: dict[str, dict] = {}
-    for p in params:
-        if p in _SITES:
-            out.update(_SITES[p])
-    return out
+    """Every site the latest compile among ``params``' rewrote, in all of its graphs."""
+    recs = [_RECORDS[p] for p in params if p in _RECORDS]
+    return dict(max(recs, key=lambda r: r.stamp).sites) if recs else {}
 
 
 def sparsec_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None, **kwargs):
@@ -112,6 +139,7 @@ def sparsec_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
         plan = Plan(recipe=recipe.to_dict())
 
     result = run_pipeline(ctx, recipe, plan, on_plugin_error=opts.on_plugin_error)
+    _record(ctx, result, plan, recipe, raw)  # also when nothing matched: the latest compile is what runs
     if not result.modified:
         if plan.sites:
             named = sorted(ctx.params.values())
@@ -124,12 +152,6 @@ def sparsec_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
                     "site); compiled as Inductor would")
         return _dense(gm, example_inputs, opts)
 
-    for s in result.sites:
-        entry = plan.sites.get(s.key)
-        for fqn in s.weights.values():
-            t = ctx.tensors.get(fqn)
-            if t is not None and entry is not None:
-                _SITES.setdefault(t, {})[s.key] = entry
     prepared = lower(ctx) if opts.kernels == "auto" else []
     pinned = [Pinned(fqn, ctx.tensors[fqn], weight_digest(ctx.tensors[fqn]), what)
               for fqn, what in ctx.pinned.items() if fqn in ctx.tensors]

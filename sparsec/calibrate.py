@@ -95,12 +95,12 @@ def first_tensor(out: Any) -> torch.Tensor:
 
 
 class _BlockScorer:
-    """Scores a set of thresholds on one block: relative ``||Y_dense - Y_sparse||^2``."""
+    """Scores a set of per-site values (thresholds) on one block: relative
+    ``||Y_dense - Y_sparse||^2``, with ``transform(input, value)`` applied to each site's input.
+    The pass supplies ``transform`` (``scorer_transform``): core names no method."""
 
-    def __init__(self, model: torch.nn.Module, blocks: list[str], batches: list):
-        from sparsec.kernels.activation import threshold_reference
-
-        self._thr = threshold_reference
+    def __init__(self, model: torch.nn.Module, blocks: list[str], batches: list, transform):
+        self._thr = transform
         self.model = model
         self.inputs: dict[str, list] = {b: [] for b in blocks}
         hooks = []
@@ -169,7 +169,7 @@ class _BlockScorer:
                 h.remove()
 
 
-def _scorer_for(model, sites, batches):
+def _scorer_for(model, sites, batches, transform):
     """A block scorer, or ``None`` (with the reason) when the sites are not hookable linears."""
     if not batches:
         return None, "no batches to score on"
@@ -187,7 +187,7 @@ def _scorer_for(model, sites, batches):
                 model.get_submodule(b)
             except AttributeError:
                 return None, f"block {b!r} is not a module"
-    return _BlockScorer(model, blocks, batches), ""
+    return _BlockScorer(model, blocks, batches, transform), ""
 
 
 def calibrate(model: torch.nn.Module, batches: Iterable, recipe: Any = "teal-50", *, progress: bool = True) -> Plan:
@@ -211,14 +211,18 @@ def calibrate(model: torch.nn.Module, batches: Iterable, recipe: Any = "teal-50"
     if not todo:
         return plan
 
+    # passes that score their choices on the model (TEAL's greedy allocation) say how many
+    # batches they want held out from the histograms, and how a value acts on a site's input
+    transforms = {n: reg.passes[n].scorer_transform(c) if hasattr(reg.passes[n], "scorer_transform") else None
+                  for n, c in todo.items()}
     n_hold = 0
     for name, cfg in todo.items():
-        if getattr(cfg, "allocation", None) == "greedy" and len(batches) > 1:
-            n_hold = max(n_hold, min(getattr(cfg, "greedy_batches", 1), len(batches) - 1))
+        wanted = reg.passes[name].held_out_batches(cfg) if hasattr(reg.passes[name], "held_out_batches") else 0
+        if wanted and len(batches) > 1:
+            n_hold = max(n_hold, min(wanted, len(batches) - 1))
     hist_batches = batches[: len(batches) - n_hold]
     held_out = batches[len(batches) - n_hold :] or batches[:1]
-    if not n_hold and any(getattr(c, "allocation", None) == "greedy" and getattr(c, "mode", None) != "cats"
-                          for c in todo.values()):
+    if not n_hold and any(t is not None for t in transforms.values()):
         warnings.warn("sparsec.calibrate: greedy allocation scores its steps on held-out batches, and there are "
                       "none (one batch, or greedy_batches: 0): it scores on a histogram batch and may overfit it. "
                       "Give two or more batches.", stacklevel=2)
@@ -293,13 +297,12 @@ def calibrate(model: torch.nn.Module, batches: Iterable, recipe: Any = "teal-50"
             collector = collect(calibrated_on, "sparsec calibrate (pruned weights)")
         hists = {k.split(":", 1)[1]: h for k, h in collector.hists.items() if k.startswith(name + ":")}
         scorer = None
-        if getattr(cfg, "allocation", None) == "greedy" and getattr(cfg, "mode", None) != "cats":
-            scorer, why = _scorer_for(calibrated_on, sites, held_out)
+        if transforms[name] is not None:
+            scorer, why = _scorer_for(calibrated_on, sites, held_out, transforms[name])
             if scorer is not None:
                 scorer.progress = progress
-            if scorer is None:
-                warnings.warn(f"sparsec: greedy allocation is not possible here ({why}); using uniform", stacklevel=2)
-                cfg = type(cfg)(**{**cfg.__dict__, "allocation": "uniform"})
+            else:
+                warnings.warn(f"sparsec: pass {name!r} cannot score its choices on the model here ({why})", stacklevel=2)
         plan.sites.update(p.plan_entries(sites, cfg, hists, scorer))
     return plan
 

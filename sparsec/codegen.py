@@ -26,14 +26,13 @@ from __future__ import annotations
 import hashlib
 import operator
 import warnings
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.fx as fx
 
-from sparsec.kernels.cpu import empty_huge, version_of
+from sparsec.kernels._common import empty_huge, version_of
 
 from .errors import PlanError, SparsecNotice
 from .passbase import GraphContext

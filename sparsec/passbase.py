@@ -169,5 +169,14 @@ class Pass:
         entry, ``Plan.entry_for`` for in-memory plans. ``tensors``: all the plan's tensors, by
         name. The default checks nothing."""
 
+    def report_row(self, key: str, entry: dict) -> dict | None:
+        """The ``sparsec.report`` row of one of this pass's entries: ``kind``, ``target`` and
+        ``measured`` sparsity, ``threshold`` (NaN if none), and the weight bytes a token reads
+        densely and after the rewrite (``bytes_dense``, ``bytes_sparse``); ``None`` leaves the
+        site out. The default reports the entry's ``weight_bytes`` unchanged."""
+        from .report import default_row
+
+        return default_row(key, entry)
+
     def __repr__(self) -> str:
         return f"<pass {self.name}>"

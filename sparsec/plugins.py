@@ -25,7 +25,6 @@ DEFAULT_PLUGINS = (
     "sparsec.kernels.plugin",
     "sparsec.passes.activation_threshold",
     "sparsec.passes.nm_weights",
-    "sparsec.recipes",
 )
 
 

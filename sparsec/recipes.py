@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from .errors import RecipeError, did_you_mean
-from .hookspecs import hookimpl
 
 __all__ = ["Recipe", "resolve_recipe", "build_config", "CompileOptions"]
 
@@ -238,34 +237,3 @@ class CompileOptions:
                 raise RecipeError("sparsec compile options: give a 'recipe' or a 'plan', not both (a plan carries "
                                   "the recipe it was calibrated with)")
         return opts
-
-
-# ---- built-in named recipes, registered as a plugin -----------------------------------------
-
-_BUILTIN = {
-    "teal-25": ("TEAL, 25% of every block linear's input, greedy per-block allocation", {"mode": "teal", "sparsity": 0.25}),
-    "teal-40": ("TEAL, 40%, greedy per-block allocation", {"mode": "teal", "sparsity": 0.40}),
-    "teal-50": ("TEAL, 50%, greedy per-block allocation", {"mode": "teal", "sparsity": 0.50}),
-    "teal-40-uniform": ("TEAL, 40%, the same sparsity at every linear", {"mode": "teal", "sparsity": 0.40, "allocation": "uniform"}),
-    "teal-50-uniform": ("TEAL, 50%, the same sparsity at every linear", {"mode": "teal", "sparsity": 0.50, "allocation": "uniform"}),
-    "cats-50": ("CATS, 50% of the gated-MLP activation", {"mode": "cats", "sparsity": 0.50}),
-}
-
-
-_NM_BUILTIN = {
-    "magnitude-24": ("2:4 weights by magnitude (no calibration data used)", {"n": 2, "m": 4, "method": "magnitude"}),
-    "wanda-24": ("2:4 weights, Wanda scores |W| ||X||", {"n": 2, "m": 4, "method": "wanda"}),
-    "sparsegpt-24": ("2:4 weights, SparseGPT (OBS updates, block by block)", {"n": 2, "m": 4, "method": "sparsegpt"}),
-}
-
-
-@hookimpl
-def sparsec_register_recipes(register):
-    for name, (desc, section) in _BUILTIN.items():
-        register(name, {"passes": {"activation_threshold": section}}, description=desc)
-    for name, (desc, section) in _NM_BUILTIN.items():
-        register(name, {"passes": {"nm_weights": section}}, description=desc)
-    register("sparsegpt-24-teal-40",
-             {"passes": {"nm_weights": _NM_BUILTIN["sparsegpt-24"][1],
-                         "activation_threshold": _BUILTIN["teal-40"][1]}},
-             description="2:4 SparseGPT weights and TEAL 40% inputs, fused into one op per linear")

@@ -11,25 +11,16 @@ import torch
 
 from .plan import Plan
 
-__all__ = ["Report", "report"]
+__all__ = ["Report", "report", "default_row"]
 
 
-def _sparse_bytes(e: dict) -> tuple[int, int]:
-    """Weight bytes read per token: dense, and sparse at the measured sparsity.
-
-    TEAL: only the weight rows of active inputs are read. CATS: the gate is read densely,
-    up and down only for active channels.
-    """
+def default_row(key: str, e: dict) -> dict | None:
+    """The row of an entry whose pass offers no ``report_row``: its weight bytes, unchanged."""
     dense = int(e.get("weight_bytes", 0))
-    if "compressed_bytes" in e:  # N:M: values + packed positions
-        return dense, int(e["compressed_bytes"])
-    s = float(e.get("measured_sparsity", e.get("sparsity", 0.0))) if e.get("sparsity", 0) > 0 else 0.0
-    if e.get("kind") == "cats":
-        shapes = e.get("weight_shapes", {})
-        g = shapes.get("gate_weight", [0, 0])
-        gate = dense * (g[0] * g[1]) / max(sum(v[0] * v[1] for k, v in shapes.items() if k.endswith("_weight")), 1)
-        return dense, int(gate + (dense - gate) * (1 - s))
-    return dense, int(dense * (1 - s))
+    return {"kind": e.get("kind", "?"), "target": float(e.get("sparsity", 0.0) or 0.0),
+            "measured": float(e.get("measured_sparsity", e.get("sparsity", 0.0)) or 0.0),
+            "threshold": float(e.get("threshold", float("nan"))), "bytes_dense": dense,
+            "bytes_sparse": int(e.get("bytes_sparse", dense))}
 
 
 @dataclass
@@ -120,16 +111,18 @@ class Report:
 
 
 def _rows(sites: dict[str, dict]) -> list[dict]:
+    """One row per entry, made by the pass that wrote it (``report_row(key, entry)``: bytes read
+    per token dense and sparse, target and measured sparsity; ``None`` leaves the site out)."""
+    from .plugins import get_registry
+
+    passes = get_registry().passes
     rows = []
     for key, e in sites.items():
-        if e.get("sparsity", 0) <= 0 and e.get("kind") in ("teal", "cats"):
+        p = passes.get(e.get("pass", ""))
+        row = p.report_row(key, e) if callable(getattr(p, "report_row", None)) else default_row(key, e)
+        if row is None:
             continue
-        dense, sparse = _sparse_bytes(e)
-        rows.append({
-            "site": key, "pass": e.get("pass", "?"), "kind": e.get("kind", "?"), "block": e.get("block", ""),
-            "target": float(e.get("sparsity", 0.0)), "measured": float(e.get("measured_sparsity", 0.0)),
-            "threshold": float(e.get("threshold", float("nan"))), "bytes_dense": dense, "bytes_sparse": sparse,
-        })
+        rows.append({"site": key, "pass": e.get("pass", "?"), "block": e.get("block", ""), **row})
     return rows
 
 
@@ -144,7 +137,7 @@ def report(obj: Any) -> Report:
     if isinstance(obj, torch.export.ExportedProgram):
         raise TypeError("sparsec.report takes the plan an export was made with: sparsec.report(plan)")
     if isinstance(obj, torch.nn.Module):
-        sites = compiled_sites(list(obj.parameters()))
+        sites = compiled_sites(list(obj.parameters()))  # every graph of its latest compile
         title = f"sparsec: {type(getattr(obj, '_orig_mod', obj)).__name__}"
         if not sites:
             title += " (nothing rewritten yet: a torch.compile'd model compiles on its first call)"
