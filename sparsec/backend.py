@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .calibrate import calibrate_graph
+from .capabilities import needs_calibration
 from .errors import SparsecNotice
 from .codegen import Pinned, RefreshingCallable, lower, weight_digest
 from .capture import capture_dynamo
@@ -122,7 +123,7 @@ def sparsec_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | No
     ctx = capture_dynamo(gm, example_inputs)
 
     reg = get_registry()
-    needs_cal = any(getattr(reg.passes[n], "needs_calibration", lambda c: False)(c) for n, c in recipe.passes.items())
+    needs_cal = any(needs_calibration(reg.passes[n], c) for n, c in recipe.passes.items())
     if plan is None and needs_cal:
         key = _fallback_key(ctx)
         cache = _FALLBACK_PLANS.setdefault(key, {}) if key is not None else {}

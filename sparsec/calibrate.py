@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .capabilities import HistogramCalibration, ModelCalibration, PrunesWeights, ScoresOnModel, needs_calibration
 from .capture import capture_dynamo
 from .errors import PlanError, RecipeError
 from .pipeline import Collector, insert_probes, order_passes, remove_probes
@@ -206,18 +207,18 @@ def calibrate(model: torch.nn.Module, batches: Iterable, recipe: Any = "teal-50"
         raise RecipeError("calibrate: no calibration batches given")
     for i, batch in enumerate(batches):
         check_batch(batch, i)
-    todo = {n: c for n, c in recipe.passes.items() if getattr(reg.passes[n], "needs_calibration", lambda c: False)(c)}
+    todo = {n: c for n, c in recipe.passes.items() if needs_calibration(reg.passes[n], c)}
     plan = Plan(recipe=recipe.to_dict(), meta=Plan.new_meta(model, calibration_batches=len(batches)))
     if not todo:
         return plan
 
     # passes that score their choices on the model (TEAL's greedy allocation) say how many
     # batches they want held out from the histograms, and how a value acts on a site's input
-    transforms = {n: reg.passes[n].scorer_transform(c) if hasattr(reg.passes[n], "scorer_transform") else None
+    transforms = {n: reg.passes[n].scorer_transform(c) if isinstance(reg.passes[n], ScoresOnModel) else None
                   for n, c in todo.items()}
     n_hold = 0
     for name, cfg in todo.items():
-        wanted = reg.passes[name].held_out_batches(cfg) if hasattr(reg.passes[name], "held_out_batches") else 0
+        wanted = reg.passes[name].held_out_batches(cfg) if isinstance(reg.passes[name], ScoresOnModel) else 0
         if wanted and len(batches) > 1:
             n_hold = max(n_hold, min(wanted, len(batches) - 1))
     hist_batches = batches[: len(batches) - n_hold]
@@ -231,7 +232,7 @@ def calibrate(model: torch.nn.Module, batches: Iterable, recipe: Any = "teal-50"
     found: dict[str, dict[str, object]] = {n: {} for n in todo}  # pass -> site key -> site
     order = order_passes(reg, recipe.passes)
     # weight passes act through the pruned weights (below), not by rewriting the probed graph
-    weight_passes = {n for n in todo if hasattr(reg.passes[n], "calibrate_model")}
+    weight_passes = {n for n in todo if isinstance(reg.passes[n], ModelCalibration)}
 
     def rewriting_before(name: str) -> list[str]:
         """The recipe's passes that run before ``name`` and change the activations it sees."""
@@ -247,7 +248,7 @@ def calibrate(model: torch.nn.Module, batches: Iterable, recipe: Any = "teal-50"
                 sites = p.match(ctx, cfg)
                 for s in sites:
                     found[name].setdefault(s.key, s)
-                if hasattr(p, "probes"):
+                if isinstance(p, HistogramCalibration):
                     insert_probes(ctx.gm, {f"{name}:{k}": v for k, v in p.probes(ctx, sites, cfg).items()},
                                   Collector.active)  # the collecting one: the backend runs inside `collect`
             return ctx.gm
@@ -285,11 +286,11 @@ def calibrate(model: torch.nn.Module, batches: Iterable, recipe: Any = "teal-50"
         if not sites:
             warnings.warn(f"sparsec: pass {name!r} found no site in {type(model).__name__}", stacklevel=2)
             continue
-        if hasattr(p, "calibrate_model"):  # passes that calibrate on the eager model themselves
+        if isinstance(p, ModelCalibration):  # passes that calibrate on the eager model themselves
             entries, tensors = p.calibrate_model(model, sites, cfg, batches, progress)
             plan.sites.update(entries)
             plan.tensors.update(tensors)
-            if hasattr(p, "pruned_weights"):
+            if isinstance(p, PrunesWeights):
                 pruned.update(p.pruned_weights(entries, tensors))
             continue
         if pruned and calibrated_on is model:
@@ -367,9 +368,9 @@ def calibrate_graph(ctx, recipe, example_inputs, plan: Plan | None = None, regis
     order = order_passes(reg, recipe.passes)
     for i, name in enumerate(order):
         cfg, p = recipe.passes[name], reg.passes[name]
-        if not getattr(p, "needs_calibration", lambda c: False)(cfg):
+        if not needs_calibration(p, cfg):
             continue
-        if hasattr(p, "calibrate_graph"):
+        if isinstance(p, ModelCalibration):
             sites = [s for s in p.match(ctx, cfg) if s.key not in plan.sites]
             if sites:
                 entries, tensors = p.calibrate_graph(ctx, sites, cfg, real)
@@ -377,7 +378,7 @@ def calibrate_graph(ctx, recipe, example_inputs, plan: Plan | None = None, regis
                 plan.tensors.update(tensors)
             continue
         # probe the activations the compiled graph computes: the passes before this one applied
-        before = [n for n in order[:i] if not hasattr(reg.passes[n], "calibrate_graph")]
+        before = [n for n in order[:i] if not isinstance(reg.passes[n], ModelCalibration)]
         work = with_passes(ctx, recipe, before, plan, reg) if before else ctx
         sites = [s for s in p.match(work, cfg) if s.key not in plan.sites]
         if not sites:

@@ -10,6 +10,7 @@ import torch
 
 from .backend import SparsecNotice
 from .calibrate import ArgsKwargs, calibrate
+from .capabilities import needs_calibration
 from .capture import capture_export
 from .errors import RecipeError
 from .plan import Plan
@@ -48,7 +49,7 @@ def export(
     if plan is None:
         recipe_obj = resolve_recipe(recipe)
         reg = get_registry()
-        if any(getattr(reg.passes[n], "needs_calibration", lambda c: False)(c) for n, c in recipe_obj.passes.items()):
+        if any(needs_calibration(reg.passes[n], c) for n, c in recipe_obj.passes.items()):
             warnings.warn(f"sparsec.export: recipe {recipe_obj.name!r} needs calibration and no plan was given: "
                           "calibrating on the export inputs", SparsecNotice, stacklevel=2)
             plan = calibrate(model, [ArgsKwargs(tuple(args), dict(kwargs or {}))], recipe_obj, progress=False)

@@ -207,7 +207,7 @@ def test_greedy_model_scope_meets_target_and_never_loses_to_block_scope(tiny, ti
         b_avg = sum(e["weight_bytes"] * e["sparsity"] for e in members) / sum(e["weight_bytes"] for e in members)
         assert 0.2 - 1e-6 <= b_avg <= 0.6 + 1e-6  # within the spread
     scorer, _ = _scorer_for(tiny, [type("S", (), {"key": k, "block": e["block"]})() for k, e in sites.items()],
-                            tiny_batches[-1:])
+                            tiny_batches[-1:], threshold_reference)
     kl = {name: scorer.model_kl({k: e["threshold"] for k, e in p.sites.items()})
           for name, p in (("model", plan), ("block", tiny_plan))}
     assert kl["model"] <= kl["block"] + 1e-9, kl
