@@ -79,3 +79,16 @@ class SparsecSpec:
         an ``ExportError`` naming the op.
         """
 
+    @hookspec
+    def sparsec_register_dense_forms(self, register):
+        """Register how an op whose weights the plan holds in a compressed form is written with
+        a plain dense weight, for exports that need one: ``register(op, fn)``.
+
+        ``fn(node, tensor_of)`` gets the op's call node and ``tensor_of(arg)`` (the program's
+        constant behind an argument) and returns ``DenseForm(weight, build, encoding)``
+        (``sparsec.export_program``): the dense weight, ``build(graph, weight_node)`` making the
+        replacement call, and the MLIR sparse encoding of the weight (or ``None``). Used by
+        ``export_onnx(nm_format="dense")`` and by ``export_mlir`` (which gives each weight its
+        encoding).
+        """
+

@@ -69,20 +69,22 @@ def _resource_hex(t: torch.Tensor) -> str:
     return "0x04000000" + t.detach().contiguous().cpu().numpy().tobytes().hex().upper()
 
 
-def _encode_nm(text: str, weights: list[tuple[torch.Tensor, int, int]]) -> tuple[str, int]:
-    """Give each N:M weight its structured sparse type in the linalg text; returns (text, count)."""
+def _encode_weights(text: str, weights: list[tuple[torch.Tensor, str]]) -> tuple[str, int]:
+    """Give each weight its sparse type (the encoding its op's dense form registered: N:M's
+    ``structured[N, M]``) in the linalg text; returns (text, count)."""
     resources = dict(re.findall(r"^\s+(torch_tensor_[\w.]+): \"(0x[0-9A-F]+)\"", text, flags=re.M))
     encodings: dict[str, str] = {}
     lines = text.split("\n")
     rewritten = 0
-    for w, n, m in weights:
+    aliases: dict[str, str] = {}
+    for w, encoding in weights:
         out_f, in_f = w.shape
         blob = _resource_hex(w)
         keys = [k for k, v in resources.items() if v == blob]
         if not keys:
-            raise ExportError(f"export_mlir: lost track of an {n}:{m} weight [{out_f}, {in_f}] in the imported module")
-        alias = f"#NM_{n}_{m}"
-        encodings[alias] = nm_encoding(n, m)
+            raise ExportError(f"export_mlir: lost track of a sparse weight [{out_f}, {in_f}] in the imported module")
+        alias = aliases.setdefault(encoding, f"#SP_{len(aliases)}")
+        encodings[alias] = encoding
         dense_t = f"tensor<{out_f}x{in_f}xf32>"
         sparse_t = f"tensor<{out_f}x{in_f}xf32, {alias}>"
         for key in keys:
@@ -145,16 +147,17 @@ def export_mlir(
         from torch_mlir import fx, ir
     except ImportError as exc:  # pragma: no cover - torch-mlir is a dependency on Linux x86-64
         raise ExportError("export_mlir needs torch-mlir (pip install torch-mlir)") from exc
-    from .onnx_export import _check_path, _densify_nm, custom_ops
+    from .export_program import densify
+    from .onnx_export import _check_path, custom_ops
 
     if path is not None:
         path = _check_path(path)
     args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
     ep = export(model, args, kwargs, plan=plan, recipe=recipe, on_plugin_error=on_plugin_error)
-    weights = _densify_nm(ep)
-    for w, n, m in weights:
+    weights = [(w, enc) for w, enc in densify(ep) if enc is not None]  # ops with a dense form: N:M
+    for w, _ in weights:
         if w.dtype != torch.float32:
-            raise ExportError(f"export_mlir: N:M weights must be float32 for the sparse encoding, got {w.dtype}")
+            raise ExportError(f"export_mlir: weights with a sparse encoding must be float32, got {w.dtype}")
     table = _decompositions()
     unknown = [op._name for op in custom_ops(ep) if op not in table]
     if unknown:
@@ -168,9 +171,9 @@ def export_mlir(
     module = fx.export_and_import(ep, output_type="linalg-on-tensors", func_name="main", decomposition_table={})
     text = str(module)
     if weights:
-        text, count = _encode_nm(text, weights)
+        text, count = _encode_weights(text, weights)
         if count < len(weights):
-            raise ExportError(f"export_mlir: gave a sparse encoding to {count} of {len(weights)} N:M linears")
+            raise ExportError(f"export_mlir: gave a sparse encoding to {count} of {len(weights)} sparse linears")
         module = ir.Module.parse(text, context=module.context)
     if path is not None:
         path.write_text(str(module))

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from .errors import ExportError
-from .export import _lift_constants, export
+from .export import export
+from .export_program import densify, has_dense_forms
 from .plan import Plan
 from .plugins import get_registry
 
@@ -113,65 +114,6 @@ def _output_names(ep: torch.export.ExportedProgram) -> list[str] | None:
     if len(names) == 1 and names[0] in ("0", "output"):
         return ["output"]
     return [n if not n[0].isdigit() else f"output_{n}" for n in names]
-
-
-def _program_tensor(ep: torch.export.ExportedProgram, node: torch.fx.Node) -> torch.Tensor:
-    for spec in ep.graph_signature.input_specs:
-        if spec.arg.name == node.name:
-            if spec.target in ep.constants:
-                return ep.constants[spec.target]
-            return ep.state_dict[spec.target]
-    raise ExportError(f"export_onnx: {node.name!r} is not a constant of the program")
-
-
-def _densify_nm(ep: torch.export.ExportedProgram) -> list[tuple[torch.Tensor, int, int]]:
-    """Replace each ``nm_linear`` by a linear on its unpacked (masked, zero-filled) weight;
-    returns ``(weight, n, m)`` of each, in graph order."""
-    from sparsec.kernels.nm import unpack
-
-    gm, g = ep.graph_module, ep.graph_module.graph
-    count, dense = 0, []
-    for node in list(g.nodes):
-        if node.op != "call_function" or node.target is not torch.ops.sparsec.nm_linear.default:
-            continue
-        x, values, positions, bias, n, m, threshold = node.args[:7]  # dense_copy: a CPU runtime choice
-        vals, pos = _program_tensor(ep, values), _program_tensor(ep, positions)
-        weight = unpack(vals, pos, n, m, vals.shape[1] // n * m)
-        dense.append((weight, n, m))
-        name = f"_sparsec_nm_dense_{count}"
-        gm.register_buffer(name, weight)
-        with g.inserting_before(node):
-            w = g.get_attr(name)
-            w.meta["nn_module_stack"] = dict(node.meta.get("nn_module_stack", {}))  # names the lifted constant
-            if threshold >= 0:
-                new = g.call_function(torch.ops.sparsec.threshold_linear.default, (x, w, bias, threshold))
-            else:
-                new = g.call_function(torch.ops.aten.linear.default, (x, w, bias))
-            residual = node.kwargs.get("residual", node.args[8] if len(node.args) > 8 else None)
-            if residual is not None:  # the fused residual-add epilogue
-                new.meta.update(node.meta)
-                new = g.call_function(torch.ops.aten.add.Tensor, (new, residual))
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
-        g.erase_node(node)
-        count += 1
-    if not count:
-        return dense
-    # the compressed tensors are now unused inputs: drop them from the program
-    dead = {n.name for n in g.nodes if n.op == "placeholder" and not n.users}
-    sig = ep.graph_signature
-    for spec in list(sig.input_specs):
-        if spec.arg.name in dead and spec.target in ep.constants:
-            sig.input_specs.remove(spec)
-            ep.constants.pop(spec.target)
-            g.erase_node(next(n for n in g.nodes if n.name == spec.arg.name))
-    gm.recompile()
-    _lift_constants(ep)
-    return dense
-
-
-def _has_nm(ep: torch.export.ExportedProgram) -> bool:
-    return any(op._name == "sparsec::nm_linear" for op in custom_ops(ep))
 
 
 def _optimize(program, keep_compressed: bool, keep_metadata: bool = False) -> None:
@@ -271,7 +213,7 @@ def export_onnx(
     ep = export(model, args, kwargs or None, plan=plan, recipe=recipe, dynamic_shapes=dynamic_shapes,
                 on_plugin_error=on_plugin_error)
     if nm_format == "dense":
-        _densify_nm(ep)
+        densify(ep)  # every op with a registered dense form (N:M: the masked dense weight)
     table = _translation_table(ep)
     steps.update()
 
@@ -285,7 +227,7 @@ def export_onnx(
         program = torch.onnx.export(ep, args, kwargs=kwargs or None, dynamo=True, custom_translation_table=table,
                                     opset_version=opset, verbose=False, optimize=False,
                                     output_names=_output_names(ep))
-    _optimize(program, keep_compressed=nm_format == "compressed" and _has_nm(ep), keep_metadata=keep_metadata)
+    _optimize(program, keep_compressed=nm_format == "compressed" and has_dense_forms(ep), keep_metadata=keep_metadata)
     program.save(str(path), external_data=external_data)
     steps.update()
     if check:

@@ -74,6 +74,7 @@ class Registry:
     lowering_plugin: dict[str, str] = field(default_factory=dict)
     _onnx: dict[str, TranslationInfo] | None = None
     _decompositions: dict[str, TranslationInfo] | None = None
+    _dense_forms: dict[str, TranslationInfo] | None = None
 
     def onnx_translations(self) -> dict[str, TranslationInfo]:
         """Op name -> its ONNX translation; the hook runs on first use (it imports onnxscript)."""
@@ -102,24 +103,33 @@ class Registry:
     def decompositions(self) -> dict[str, TranslationInfo]:
         """Op name -> its ATen decomposition for MLIR; the hook runs on first use."""
         if self._decompositions is None:
-            table: dict[str, TranslationInfo] = {}
-
-            def make_register(plugin_name):
-                def register(op, fn):
-                    name = KernelInfo(op=op, reference=fn, plugin=plugin_name).name
-                    if not callable(fn):
-                        raise PluginError(f"plugin {plugin_name!r}: the decomposition of {name!r} is not callable")
-                    if name in table:
-                        raise PluginError(f"two decompositions for op {name!r}: from plugin {table[name].plugin!r} "
-                                          f"and from plugin {plugin_name!r}")
-                    table[name] = TranslationInfo(op=op, fn=fn, plugin=plugin_name)
-                    _trace(f"  decomposition {name!r} from {plugin_name}")
-
-                return register
-
-            _call_each(self.pm, "sparsec_register_decompositions", make_register)
-            self._decompositions = table
+            self._decompositions = self._table("sparsec_register_decompositions", "decomposition")
         return self._decompositions
+
+    def dense_forms(self) -> dict[str, TranslationInfo]:
+        """Op name -> how it is written with a dense weight (exports); the hook runs on first use."""
+        if self._dense_forms is None:
+            self._dense_forms = self._table("sparsec_register_dense_forms", "dense form")
+        return self._dense_forms
+
+    def _table(self, hook: str, what: str) -> dict[str, TranslationInfo]:
+        table: dict[str, TranslationInfo] = {}
+
+        def make_register(plugin_name):
+            def register(op, fn):
+                name = KernelInfo(op=op, reference=fn, plugin=plugin_name).name
+                if not callable(fn):
+                    raise PluginError(f"plugin {plugin_name!r}: the {what} of {name!r} is not callable")
+                if name in table:
+                    raise PluginError(f"two {what}s for op {name!r}: from plugin {table[name].plugin!r} "
+                                      f"and from plugin {plugin_name!r}")
+                table[name] = TranslationInfo(op=op, fn=fn, plugin=plugin_name)
+                _trace(f"  {what} {name!r} from {plugin_name}")
+
+            return register
+
+        _call_each(self.pm, hook, make_register)
+        return table
 
     def get_pass(self, name: str):
         if name not in self.passes:

@@ -238,7 +238,13 @@ def _check(sess, module, rows, k, nan=False):
     with torch.no_grad():
         ref = module(x)
     got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5, equal_nan=True)
+    # ORT's MatMul and sparsec's C++ kernels sum in orders of their own (the kernel's depends on
+    # the ISA it was built for): a few fp32 ulps of the largest output, which reaches ~900 for
+    # the CATS MLP on these random weights (2.4e-4 apart on an AVX2 build). A wrong mask or
+    # threshold moves outputs by whole units.
+    finite = ref[torch.isfinite(ref)].abs()
+    atol = max(1e-5, 8 * torch.finfo(torch.float32).eps * (float(finite.max()) if finite.numel() else 0.0))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=atol, equal_nan=True)
 
 
 @pytest.mark.parametrize("bias", [True, False])

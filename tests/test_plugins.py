@@ -131,7 +131,8 @@ def test_failing_pass_names_plugin_pass_and_predecessors(tiny):
 def test_every_hook_is_documented():
     hooks = [n for n in vars(SparsecSpec) if n.startswith("sparsec_")]
     assert hooks == ["sparsec_register_passes", "sparsec_register_kernels", "sparsec_register_onnx_translations",
-                     "sparsec_register_recipes", "sparsec_register_lowerings", "sparsec_register_decompositions"]
+                     "sparsec_register_recipes", "sparsec_register_lowerings", "sparsec_register_decompositions",
+                     "sparsec_register_dense_forms"]
     for n in hooks:
         assert len((getattr(SparsecSpec, n).__doc__ or "").strip()) > 40, n
     readme = open(os.path.join(os.path.dirname(__file__), "..", "passes", "README.md")).read()
