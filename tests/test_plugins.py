@@ -47,7 +47,7 @@ def registry_with(*plugins):
 
 def test_builtins_are_plugins():
     reg = registry_with()
-    assert reg.pass_plugin["activation_threshold"] == "sparsec.passes.activation_threshold"
+    assert reg.pass_plugin["activation_threshold"] == "sparsec.passes.activation"
     assert {"teal-25", "teal-40", "teal-50", "cats-50"} <= set(reg.recipes)
     assert "sparsec::threshold_linear" in reg.kernels and reg.kernels["sparsec::cats_mlp"].plugin == "sparsec.kernels.plugin"
 
@@ -86,7 +86,7 @@ def test_disable_autoload_and_trace_env():
 
 
 def test_duplicate_pass_names_name_both_plugins():
-    with pytest.raises(PluginError, match=r"two passes named 'activation_threshold'.*sparsec.passes.activation_threshold.*test_plugin_0"):
+    with pytest.raises(PluginError, match=r"two passes named 'activation_threshold'.*sparsec.passes.activation'.*test_plugin_0"):
         registry_with(make_plugin(NamedPass("activation_threshold")))
 
 

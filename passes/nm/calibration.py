@@ -60,7 +60,7 @@ def calibrate_nm(pass_, model, sites, cfg, batches, progress):
     """``(entries, tensors)`` for the plan: magnitude, Wanda or sequential SparseGPT."""
     from tqdm.auto import tqdm
 
-    from .nm_weights import _mask, sparsegpt_prune, wanda_scores
+    from .prune import _mask, sparsegpt_prune, wanda_scores
 
     entries, tensors = {}, {}
 
