@@ -79,25 +79,7 @@ class Registry:
     def onnx_translations(self) -> dict[str, TranslationInfo]:
         """Op name -> its ONNX translation; the hook runs on first use (it imports onnxscript)."""
         if self._onnx is None:
-            table: dict[str, TranslationInfo] = {}
-
-            def make_register(plugin_name):
-                def register(op, fn):
-                    name = KernelInfo(op=op, reference=fn, plugin=plugin_name).name
-                    if not callable(fn):
-                        raise PluginError(f"plugin {plugin_name!r}: the ONNX translation of {name!r} is not callable")
-                    if name in table:
-                        raise PluginError(
-                            f"two ONNX translations for op {name!r}: from plugin {table[name].plugin!r} "
-                            f"and from plugin {plugin_name!r}"
-                        )
-                    table[name] = TranslationInfo(op=op, fn=fn, plugin=plugin_name)
-                    _trace(f"  onnx translation {name!r} from {plugin_name}")
-
-                return register
-
-            _call_each(self.pm, "sparsec_register_onnx_translations", make_register)
-            self._onnx = table
+            self._onnx = self._table("sparsec_register_onnx_translations", "ONNX translation")
         return self._onnx
 
     def decompositions(self) -> dict[str, TranslationInfo]:

@@ -10,6 +10,7 @@ import torch
 import torch.fx as fx
 
 from sparsec.errors import PlanError
+from sparsec.ir.paths import common_prefix
 from sparsec.passbase import GraphContext, Pass, Site, block_of, path_matches
 
 from .allocation import greedy_allocation
@@ -132,7 +133,7 @@ class ActivationThreshold(Pass):
                     shapes[f"{role}_bias"] = _shape(ctx, b)
             paths = [ctx.site_path(n, roles[r][1]) for r, n in (("gate", act_node.args[0]), ("up", up_node), ("down", node))]
             # the MLP module that multiplies (model.layers.0.mlp); the gate's path at the root
-            key = ctx.calling_module(h) or _common_prefix(paths) or paths[0]
+            key = ctx.calling_module(h) or common_prefix(paths) or paths[0]
             if not self._wanted(key, config) or not all(self._wanted(p, config) for p in paths):
                 continue
             sites.append(
@@ -288,16 +289,6 @@ class ActivationThreshold(Pass):
                         graph.erase_node(dead)
             changed = True
         return changed
-
-
-def _common_prefix(paths: list[str]) -> str:
-    parts = [p.split(".") for p in paths]
-    out = []
-    for tok in zip(*parts):
-        if len(set(tok)) != 1:
-            break
-        out.append(tok[0])
-    return ".".join(out)
 
 
 def _check_unique(sites: list[Site]) -> None:

@@ -10,6 +10,7 @@ import torch
 import torch.fx as fx
 
 from sparsec.errors import PlanError, RecipeError
+from sparsec.ir.rewrite import add_constant
 from sparsec.passbase import GraphContext, Pass, Site, block_of, path_matches
 
 from .config import NMWeightsConfig
@@ -355,15 +356,4 @@ def _check_checkpoint(ctx: GraphContext, s: Site, e: dict) -> None:
 
 def _constant(ctx: GraphContext, key: str, value: torch.Tensor, like: fx.Node | None = None) -> fx.Node:
     """A ``get_attr`` node for a plan tensor, placed on the graph module (export lifts it)."""
-    gm = ctx.gm
-    name = "_sparsec_" + "".join(c if c.isalnum() else "_" for c in key)
-    if not hasattr(gm, name):
-        device = next((t.device for t in ctx.tensors.values()), torch.device("cpu"))
-        gm.register_buffer(name, value.to(device))
-    first = next(n for n in gm.graph.nodes if n.op != "placeholder")
-    with gm.graph.inserting_before(first):
-        node = gm.graph.get_attr(name)
-    node.meta["val"] = getattr(gm, name)
-    # torch.export's constant lifting reads the module stack of every constant it lifts
-    node.meta["nn_module_stack"] = dict(like.meta.get("nn_module_stack", {})) if like is not None else {}
-    return node
+    return add_constant(ctx, key, value, like)

@@ -6,7 +6,7 @@ themselves, so every family names sites, filters them and rewrites the same way
 (``../shared/ARCHITECTURE.md``)."""
 
 from ..passbase import GraphContext, Site
-from .paths import SiteFilter, block_of, normalize_module_path, path_matches
+from .paths import SiteFilter, block_of, common_prefix, normalize_module_path, path_matches
 from .patterns import (
     AttentionMatch,
     CacheMatch,
@@ -21,7 +21,7 @@ from .patterns import (
 from .rewrite import add_constant, fuse_horizontally, replace
 
 __all__ = [
-    "GraphContext", "Site", "SiteFilter", "block_of", "normalize_module_path", "path_matches",
+    "GraphContext", "Site", "SiteFilter", "block_of", "common_prefix", "normalize_module_path", "path_matches",
     "NoMatch", "LinearMatch", "match_linear", "match_linears", "GatedMLPMatch", "match_gated_mlps",
     "AttentionMatch", "CacheMatch", "match_attention", "replace", "add_constant", "fuse_horizontally",
 ]

@@ -6,7 +6,17 @@ from dataclasses import dataclass, field
 
 from ..passbase import block_of, normalize_module_path, path_matches
 
-__all__ = ["SiteFilter", "block_of", "normalize_module_path", "path_matches"]
+__all__ = ["SiteFilter", "block_of", "common_prefix", "normalize_module_path", "path_matches"]
+
+
+def common_prefix(paths: list[str]) -> str:
+    """The longest module path all ``paths`` lie in (``a.b.c``, ``a.b.d`` -> ``a.b``)."""
+    out = []
+    for seg in zip(*(p.split(".") for p in paths)):
+        if len(set(seg)) != 1:
+            break
+        out.append(seg[0])
+    return ".".join(out)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import torch
 import torch.fx as fx
 
 from ...passbase import GraphContext
+from ..paths import common_prefix
 from .common import NoMatch, is_call
 from .linear import LinearMatch, match_linear
 
@@ -67,20 +68,10 @@ def match_gated_mlps(ctx: GraphContext) -> tuple[list[GatedMLPMatch], list[NoMat
             if any(len(n.users) != 1 for n in (h, act_node, act_node.args[0], up_node)):
                 why = "an inner tensor of the MLP has another use"
                 continue
-            path = ctx.calling_module(h) or _common_prefix([gate.path, up.path, down.path]) or gate.path
+            path = ctx.calling_module(h) or common_prefix([gate.path, up.path, down.path]) or gate.path
             found.append(GatedMLPMatch(gate=gate, up=up, down=down, act=act_node, act_name=act, mul=h, path=path))
             why = None
             break
         if why is not None:
             rejected.append(NoMatch(node, why))
     return found, rejected
-
-
-def _common_prefix(paths: list[str]) -> str:
-    parts = [p.split(".") for p in paths]
-    out = []
-    for seg in zip(*parts):
-        if len(set(seg)) != 1:
-            break
-        out.append(seg[0])
-    return ".".join(out)
