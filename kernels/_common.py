@@ -1,5 +1,7 @@
 """Kernel helpers every family shares, in a leaf module: it imports torch and the standard
-library only, so any ``kernels/<family>`` (and core) may import it without a cycle."""
+library only, so any ``kernels/<family>`` (and core) may import it without a cycle. The
+threshold compare (``threshold_reference``) and the residual epilogue are here because more
+than one family runs them (TEAL, N:M with a fused threshold, R-Sparse next)."""
 
 from __future__ import annotations
 
@@ -12,9 +14,41 @@ import sys
 
 import torch
 
-__all__ = ["version_of", "empty_huge", "HUGE_PAGE"]
+__all__ = ["version_of", "empty_huge", "HUGE_PAGE", "linear_as_mm", "threshold_reference", "add_residual"]
 
 log = logging.getLogger("sparsec.kernels")
+
+
+def threshold_reference(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``s_t(x) = x * 1[|x| > t]``.
+
+    ``torch.where`` rather than a multiply by the mask: a multiply turns ``inf * 0`` into NaN
+    for dropped entries, and a NaN input must stay NaN (``|NaN| > t`` is false, so ``where``
+    would drop it: we keep NaN explicitly so bad inputs are never hidden).
+    """
+    # compare in fp32: a bf16 comparison would round the threshold itself to bf16
+    xa = x.abs() if x.dtype in (torch.float32, torch.float64) else x.abs().float()
+    keep = (xa > threshold) | torch.isnan(x)
+    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def add_residual(y: torch.Tensor, residual: torch.Tensor | None, op: str) -> torch.Tensor:
+    """The residual-add epilogue of the prepared ops: ``y + residual``, same shape and dtype only
+    (``sparsec.codegen`` fuses only such adds; a broadcast here would change results silently)."""
+    if residual is None:
+        return y
+    if residual.shape != y.shape or residual.dtype != y.dtype:
+        raise ValueError(f"sparsec::{op}: residual of shape {tuple(residual.shape)} and dtype {residual.dtype} "
+                         f"does not match the output ({tuple(y.shape)}, {y.dtype})")
+    return y + residual
+
+
+def linear_as_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A linear as one 2-D matmul on the transposed weight. MLIR decompositions use it:
+    ``aten.linear`` decomposes to a broadcast weight + batch_matmul for some strides, and the
+    sparse-encoding step of ``export_mlir`` finds one pattern (transpose(W) -> matmul)."""
+    y = torch.mm(x.reshape(-1, x.shape[-1]), weight.t()).reshape(*x.shape[:-1], weight.shape[0])
+    return y if bias is None else y + bias
 
 
 def version_of(t: torch.Tensor) -> int:

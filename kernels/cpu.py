@@ -1,4 +1,4 @@
-"""Build and load sparsec's C++ CPU kernels (``kernels/csrc/*.cpp``, one extension).
+"""Build and load sparsec's C++ CPU kernels (``kernels/<family>/csrc/*.cpp``, one extension).
 
 Built once with ``torch.utils.cpp_extension`` and cached on disk outside the repository, in
 ``$SPARSEC_CACHE/ext`` (default ``~/.cache/sparsec/ext``). The cache key hashes the source,
@@ -46,7 +46,9 @@ __all__ = ["extension", "loaded", "isa", "cache_dir", "build_info", "ISA_FLAGS",
 
 log = logging.getLogger("sparsec.kernels")
 
-SOURCES = [Path(__file__).parent / "csrc" / f for f in ("activation_sparse.cpp", "nm_sparse.cpp")]
+#: every family's C++ kernels, built into one extension (one build, one load)
+SOURCES = [Path(__file__).parent / family / "csrc" / f for family, f in (("activation", "activation_sparse.cpp"),
+                                                                         ("nm", "nm_sparse.cpp"))]
 
 #: compiler flags per instruction set. No -ffast-math: NaN must propagate as in the reference.
 ISA_FLAGS = {

@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from sparsec.kernels._common import linear_as_mm as linear_as_mm_common
+
 from .errors import ExportError
 from .export import export
 from .plan import Plan
@@ -40,16 +42,9 @@ def nm_encoding(n: int, m: int) -> str:
             f"j mod {m} : structured[{n}, {m}]) }}>")
 
 
-def _linear_as_mm(x, weight, bias=None):
-    # aten.linear decomposes to a broadcast weight + batch_matmul for some strides; a
-    # 2-D mm on the transposed weight gives one pattern (transpose(W) -> matmul) to find.
-    y = torch.mm(x.reshape(-1, x.shape[-1]), weight.t()).reshape(*x.shape[:-1], weight.shape[0])
-    return y if bias is None else y + bias
-
-
-#: a linear as one 2-D matmul on the transposed weight: plugins' decompositions use it so
-#: that every linear reaches torch-mlir in the form the sparse encoding step recognises
-linear_as_mm = _linear_as_mm
+#: a linear as one 2-D matmul on the transposed weight (``aten.linear`` itself is decomposed so;
+#: plugins' decompositions use it so that every linear reaches the sparse-encoding step alike)
+linear_as_mm = _linear_as_mm = linear_as_mm_common
 
 
 def _decompositions() -> dict:

@@ -22,7 +22,6 @@ __all__ = ["DEFAULT_PLUGINS", "Registry", "get_registry", "reset_registry", "plu
 
 #: Built-in plugins, registered through the same hooks as third-party ones (pytest's pattern).
 DEFAULT_PLUGINS = (
-    "sparsec.kernels.plugin",
     "sparsec.passes.activation",
     "sparsec.passes.nm",
 )

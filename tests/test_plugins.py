@@ -49,7 +49,7 @@ def test_builtins_are_plugins():
     reg = registry_with()
     assert reg.pass_plugin["activation_threshold"] == "sparsec.passes.activation"
     assert {"teal-25", "teal-40", "teal-50", "cats-50"} <= set(reg.recipes)
-    assert "sparsec::threshold_linear" in reg.kernels and reg.kernels["sparsec::cats_mlp"].plugin == "sparsec.kernels.plugin"
+    assert "sparsec::threshold_linear" in reg.kernels and reg.kernels["sparsec::cats_mlp"].plugin == "sparsec.passes.activation"
 
 
 def test_example_plugin_found_through_entry_point():

@@ -40,6 +40,43 @@ def sparsec_register_passes(register):
 
 
 @hookimpl
+def sparsec_register_kernels(register):
+    import torch
+
+    from sparsec.kernels import activation
+
+    sparsec = torch.ops.sparsec
+    register(sparsec.threshold_linear.default, reference=activation.threshold_linear_reference,
+             description="TEAL: W s_t(x) + b")
+    register(sparsec.cats_mlp.default, reference=activation.cats_mlp_reference,
+             description="CATS: W_down (CATS_t(act(W_gate x)) * W_up x)")
+    register(sparsec.sparse_linear.default, reference=activation.sparse_linear_reference,
+             description="TEAL on a prepared (transposed) weight; C++ / Triton kernels")
+    register(sparsec.sparse_cats_mlp.default, reference=activation.sparse_cats_mlp_reference,
+             description="CATS on a prepared down weight; C++ / Triton kernels")
+
+
+@hookimpl
+def sparsec_register_onnx_translations(register):
+    import torch
+
+    from sparsec.kernels.activation.onnx import TRANSLATIONS
+
+    for name, fn in TRANSLATIONS.items():
+        register(getattr(torch.ops.sparsec, name).default, fn)
+
+
+@hookimpl
+def sparsec_register_decompositions(register):
+    import torch
+
+    from sparsec.kernels.activation.mlir import DECOMPOSITIONS
+
+    for name, fn in DECOMPOSITIONS.items():
+        register(getattr(torch.ops.sparsec, name).default, fn)
+
+
+@hookimpl
 def sparsec_register_lowerings(register):
     from sparsec.passes.activation.lowering import LOWERINGS
 

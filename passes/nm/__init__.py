@@ -47,6 +47,22 @@ def sparsec_register_passes(register):
 
 
 @hookimpl
+def sparsec_register_kernels(register):
+    from sparsec.kernels import nm
+
+    register(torch.ops.sparsec.nm_linear.default, reference=nm.nm_linear_reference,
+             description="N:M compressed weights (values + packed positions), optional TEAL threshold")
+
+
+@hookimpl
+def sparsec_register_onnx_translations(register):
+    from sparsec.kernels.nm.onnx import TRANSLATIONS
+
+    for name, fn in TRANSLATIONS.items():
+        register(getattr(torch.ops.sparsec, name).default, fn)
+
+
+@hookimpl
 def sparsec_register_lowerings(register):
     from sparsec.codegen import Lowering
 

@@ -316,7 +316,7 @@ def _recorder(stats: dict, hessian: bool):
 
 
 def _drop_dense_copy(impl: int) -> None:
-    """Free the dense copy (kernels/csrc/nm_sparse.cpp) of compressed values being freed (their
+    """Free the dense copy (kernels/nm/csrc/nm_sparse.cpp) of compressed values being freed (their
     TensorImpl address): the C++ cache holds the values by a weak reference, which cannot
     call back when they die."""
     with contextlib.suppress(Exception):  # at interpreter exit the modules may already be gone

@@ -10,7 +10,7 @@ bytes (ideal speedup 1.78x); bf16: 0.5 + 0.125 (1.6x).
 ``sparsec::nm_linear(x, values, positions, bias, n, m, threshold, dense_copy=False,
 residual=None)``: ``y = W_nm s_t(x) + b``; ``threshold < 0`` means no activation threshold
 (with one, the op is the TEAL + N:M composition). CPU: C++ kernel
-(``kernels/csrc/nm_sparse.cpp``) for up to 16 tokens, else a dense GEMM on the weight
+(``kernels/nm/csrc/nm_sparse.cpp``) for up to 16 tokens, else a dense GEMM on the weight
 unpacked block by block; with ``dense_copy`` (the pass's default), the calls where a dense
 GEMM wins (more than 16 tokens, bf16 from 5 tokens on an AMX CPU) use a masked dense copy of
 the weight made once and cached. ``residual``: added to
@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import cpu
-from ._common import version_of
+from .. import cpu
+from .._common import version_of
 
 __all__ = ["bits_for", "nm_mask", "pack", "unpack", "nm_linear_reference", "check_nm", "semi_structured_route"]
 
@@ -117,7 +117,7 @@ def nm_linear_reference(x, values, positions, bias, n: int, m: int, threshold: f
                         dense_copy: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
     """``W_nm s_t(x) + b (+ residual)`` on the unpacked weight (``threshold < 0``: no threshold;
     ``dense_copy`` picks a CPU kernel path, the same result)."""
-    from .activation import add_residual, threshold_reference
+    from .._common import add_residual, threshold_reference
 
     xs = threshold_reference(x, threshold) if threshold >= 0 else x
     return add_residual(F.linear(xs, unpack(values, positions, n, m, x.shape[-1]), bias), residual, "nm_linear")
@@ -207,7 +207,7 @@ def nm_linear_cuda_large(x, values, positions, bias, n, m, threshold, dense_copy
     """``sparsec::nm_linear`` on CUDA above the GEMV's batch: semi-structured where it wins,
     else a dense GEMM on the unpacked weight (the same kept weights either way), cached with
     ``dense_copy`` instead of unpacked per call."""
-    from .activation import threshold_reference
+    from .._common import threshold_reference
 
     k = x.shape[-1]
     tokens = x.numel() // max(k, 1)
@@ -234,7 +234,7 @@ _lib.define(
 def nm_linear(x, values, positions, bias, n, m, threshold, dense_copy=False, residual=None):
     """``dense_copy``: where the library GEMM on the masked dense weight beats the N:M kernels
     on this CPU (more than 16 tokens; bf16 from 5 tokens on AMX CPUs), keep that dense weight,
-    made on the first such call and cached beside the compressed one (kernels/csrc/nm_sparse.cpp);
+    made on the first such call and cached beside the compressed one (kernels/nm/csrc/nm_sparse.cpp);
     without it those calls unpack the weight blockwise every time (no extra memory, slower)."""
     if x.device.type == "cpu":
         ext = cpu.extension()  # registers the C++ CPU kernel for later calls
@@ -250,7 +250,7 @@ def _(x, values, positions, bias, n, m, threshold, dense_copy=False, residual=No
 
 @torch.library.impl(_lib, "nm_linear", "CUDA")
 def _(x, values, positions, bias, n, m, threshold, dense_copy=False, residual=None):
-    from . import triton_gen
+    from .. import triton_gen
 
     return triton_gen.nm_linear_cuda(x, values, positions, bias, n, m, threshold, residual=residual,
                                      dense_copy=dense_copy)

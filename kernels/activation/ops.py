@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import cpu
-from ._common import empty_huge, version_of
+from .. import cpu
+from .._common import add_residual, empty_huge, threshold_reference, version_of
 
 #: tokens per call up to which the sparse kernels run (the issue's decode range, batch 1-16)
 MAX_KERNEL_ROWS = 16
@@ -49,19 +49,6 @@ ACTIVATIONS = {
     "gelu_tanh": lambda a: F.gelu(a, approximate="tanh"),
     "relu": F.relu,
 }
-
-
-def threshold_reference(x: torch.Tensor, threshold: float) -> torch.Tensor:
-    """``s_t(x) = x * 1[|x| > t]``.
-
-    ``torch.where`` rather than a multiply by the mask: a multiply turns ``inf * 0`` into NaN
-    for dropped entries, and a NaN input must stay NaN (``|NaN| > t`` is false, so ``where``
-    would drop it: we keep NaN explicitly so bad inputs are never hidden).
-    """
-    # compare in fp32: a bf16 comparison would round the threshold itself to bf16
-    xa = x.abs() if x.dtype in (torch.float32, torch.float64) else x.abs().float()
-    keep = (xa > threshold) | torch.isnan(x)
-    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def threshold_linear_reference(
@@ -88,17 +75,6 @@ def cats_mlp_reference(
     return F.linear(h, down_weight, down_bias)
 
 
-def add_residual(y: torch.Tensor, residual: torch.Tensor | None, op: str) -> torch.Tensor:
-    """The residual-add epilogue of the prepared ops: ``y + residual``, same shape and dtype only
-    (``sparsec.codegen`` fuses only such adds; a broadcast here would change results silently)."""
-    if residual is None:
-        return y
-    if residual.shape != y.shape or residual.dtype != y.dtype:
-        raise ValueError(f"sparsec::{op}: residual of shape {tuple(residual.shape)} and dtype {residual.dtype} "
-                         f"does not match the output ({tuple(y.shape)}, {y.dtype})")
-    return y + residual
-
-
 def sparse_linear_reference(
     x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, threshold: float,
     weight: torch.Tensor | None = None, residual: torch.Tensor | None = None,
@@ -119,7 +95,7 @@ def sparse_cats_mlp_reference(
 
 
 # ---- CPU dispatch -----------------------------------------------------------------------------
-# The prepared ops' CPU kernels are C++ (kernels/csrc/activation_sparse.cpp), registered with
+# The prepared ops' CPU kernels are C++ (kernels/activation/csrc/activation_sparse.cpp), registered with
 # the dispatcher when the extension loads; these Python paths serve the first call (which
 # loads it), the unprepared ops, and machines where it could not be built.
 
@@ -273,7 +249,7 @@ def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, t
 
 @torch.library.impl(_lib, "sparse_linear", "CUDA")
 def _(x, weight_t, bias, threshold, weight=None, residual=None, group_weights=None):
-    from . import triton_gen
+    from .. import triton_gen
 
     return triton_gen.sparse_linear_cuda(x, weight_t, bias, threshold, residual=residual)
 
@@ -281,7 +257,7 @@ def _(x, weight_t, bias, threshold, weight=None, residual=None, group_weights=No
 @torch.library.impl(_lib, "sparse_cats_mlp", "CUDA")
 def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation, residual=None,
       down_weight=None):
-    from . import triton_gen
+    from .. import triton_gen
 
     return triton_gen.sparse_cats_mlp_cuda(
         x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation,
@@ -291,14 +267,14 @@ def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, t
 
 @threshold_linear.register_kernel("cuda")
 def _(x, weight, bias, threshold):
-    from . import triton_gen
+    from .. import triton_gen
 
     return triton_gen.sparse_linear_cuda(x, transposed(weight), bias, threshold)
 
 
 @cats_mlp.register_kernel("cuda")
 def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias, threshold, activation):
-    from . import triton_gen
+    from .. import triton_gen
 
     return triton_gen.sparse_cats_mlp_cuda(
         x, gate_weight, gate_bias, up_weight, up_bias, transposed(down_weight), down_bias, threshold, activation

@@ -1,0 +1,10 @@
+"""The activation-thresholding kernels (TEAL, CATS): ``ops`` (schemas, fakes, plain-torch
+references, dispatch to C++ on CPU and generated Triton on CUDA), ``csrc/`` (the C++ kernels),
+``onnx`` (translations) and ``mlir`` (ATen decompositions)."""
+
+from . import ops
+from .ops import *  # noqa: F401,F403  (the family's op API)
+
+# sparsec.kernels.activation was one module before the family became a folder; older code and the
+# tests reach its private helpers too (``_cats_cpu``, ``_DENSE``...): keep every name of ``ops``
+globals().update({k: v for k, v in vars(ops).items() if not k.startswith("__")})
