@@ -11,8 +11,9 @@ import torch
 import torch.fx as fx
 
 from .errors import ExportError
+from .export import _lift_constants
 
-__all__ = ["DenseForm", "densify", "has_dense_forms", "program_tensor", "lift_constants"]
+__all__ = ["DenseForm", "densify", "has_dense_forms", "program_tensor"]
 
 
 @dataclass
@@ -76,11 +77,5 @@ def densify(ep: torch.export.ExportedProgram) -> list[tuple[torch.Tensor, str | 
             ep.constants.pop(spec.target)
             g.erase_node(next(n for n in g.nodes if n.name == spec.arg.name))
     gm.recompile()
-    lift_constants(ep)
-    return dense
-
-
-def lift_constants(ep: torch.export.ExportedProgram) -> None:
-    from .export import _lift_constants
-
     _lift_constants(ep)
+    return dense

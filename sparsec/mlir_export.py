@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from sparsec.kernels._common import linear_as_mm as linear_as_mm_common
+from sparsec.kernels._common import linear_as_mm
 
 from .errors import ExportError
 from .export import export
@@ -42,11 +42,6 @@ def nm_encoding(n: int, m: int) -> str:
             f"j mod {m} : structured[{n}, {m}]) }}>")
 
 
-#: a linear as one 2-D matmul on the transposed weight (``aten.linear`` itself is decomposed so;
-#: plugins' decompositions use it so that every linear reaches the sparse-encoding step alike)
-linear_as_mm = _linear_as_mm = linear_as_mm_common
-
-
 def _decompositions() -> dict:
     """torch-mlir's table, ``aten.linear`` as one matmul, and every plugin op's decomposition
     (``sparsec_register_decompositions``)."""
@@ -54,7 +49,7 @@ def _decompositions() -> dict:
 
     from .plugins import get_registry
 
-    table = {**get_decomposition_table(), torch.ops.aten.linear.default: _linear_as_mm}
+    table = {**get_decomposition_table(), torch.ops.aten.linear.default: linear_as_mm}
     table.update({info.op: info.fn for info in get_registry().decompositions().values()})
     return table
 

@@ -131,7 +131,11 @@ def _only_used_by(nodes: list[fx.Node], allowed: set[fx.Node]) -> bool:
     return all(set(n.users) <= allowed for n in nodes)
 
 
-def _kv_parts(k_rep, v_rep):
+def _kv_parts(q, k_rep, v_rep):
+    """``(k, v, groups, repeat nodes)`` of 4-D attention inputs, or ``None`` and the reason."""
+    vq, vk = val(q), val(k_rep)
+    if vq is None or vk is None or vq.dim() != 4 or vk.dim() != 4:
+        return None, "query and key are not [batch, heads, tokens, head_dim] tensors"
     k, gk, rk = _unrepeat(k_rep)
     v, gv, rv = _unrepeat(v_rep)
     if gk != gv:
@@ -144,12 +148,10 @@ def _match_sdpa(ctx: GraphContext, node: fx.Node) -> AttentionMatch | NoMatch:
     q, k_rep, v_rep = a["query"], a["key"], a["value"]
     if float(a.get("dropout_p", 0.0) or 0.0) != 0.0:
         return NoMatch(node, f"attention with dropout (p={a['dropout_p']}): a training graph")
-    vq, vk = val(q), val(k_rep)
-    if vq is None or vk is None or vq.dim() != 4 or vk.dim() != 4:
-        return NoMatch(node, "query and key are not [batch, heads, tokens, head_dim] tensors")
-    parts, why = _kv_parts(k_rep, v_rep)
+    parts, why = _kv_parts(q, k_rep, v_rep)
     if parts is None:
         return NoMatch(node, why)
+    vq = val(q)
     k, v, groups, repeats = parts
     gqa = "repeat" if groups > 1 else "none"
     if a.get("enable_gqa"):
@@ -207,10 +209,7 @@ def _match_softmax(ctx: GraphContext, sm: fx.Node) -> AttentionMatch | NoMatch:
         return NoMatch(sm, "the scores are not q @ k.transpose(-2, -1)")
     inner.append(kt)
     k_rep = kt.args[0]
-    vq, vk = val(q), val(k_rep)
-    if vq is None or vk is None or vq.dim() != 4 or vk.dim() != 4:
-        return NoMatch(sm, "query and key are not [batch, heads, tokens, head_dim] tensors")
-    parts, why = _kv_parts(k_rep, v_rep)
+    parts, why = _kv_parts(q, k_rep, v_rep)
     if parts is None:
         return NoMatch(sm, why)
     k, v, groups, repeats = parts
