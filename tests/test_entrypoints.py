@@ -112,6 +112,29 @@ def test_fresh_process_compiles_without_import_sparsec(tmp_path):
     assert "rewritten 2 (4, 8)" in res.stdout
 
 
+def test_checkout_folder_kernels_does_not_shadow_the_installed_package():
+    """The sources' kernels/ folder is sparsec.kernels; Python started in the checkout sees it
+    as a top-level ``kernels`` too, which shadowed Hugging Face's ``kernels`` package and broke
+    ``import transformers`` (>= 5.25 imports it on load). Fails with the guard in
+    kernels/__init__.py removed, wherever that distribution is installed."""
+    from importlib import metadata
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = textwrap.dedent("""
+        import os, sys, kernels
+        import sparsec.kernels, sparsec.kernels.activation
+        assert os.path.dirname(sparsec.kernels.__file__) == os.path.join(os.getcwd(), "kernels")
+        print("top-level kernels from", kernels.__file__)
+    """)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    try:
+        metadata.version("kernels")
+    except metadata.PackageNotFoundError:
+        pytest.skip("no installed distribution named kernels to hand over to")
+    assert "site-packages" in res.stdout and os.path.join(root, "kernels") not in res.stdout, res.stdout
+
+
 _global_model = None  # a script's top-level ``model``: dynamo names its weights G['_global_model']...
 
 
