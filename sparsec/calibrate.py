@@ -288,7 +288,7 @@ def calibrate(model: torch.nn.Module, batches: Iterable, recipe: Any = "teal-50"
             continue
         if isinstance(p, ModelCalibration):  # passes that calibrate on the eager model themselves
             entries, tensors = p.calibrate_model(model, sites, cfg, batches, progress)
-            plan.sites.update(entries)
+            plan.add_entries(name, entries)
             plan.tensors.update(tensors)
             if isinstance(p, PrunesWeights):
                 pruned.update(p.pruned_weights(entries, tensors))
@@ -304,7 +304,7 @@ def calibrate(model: torch.nn.Module, batches: Iterable, recipe: Any = "teal-50"
                 scorer.progress = progress
             else:
                 warnings.warn(f"sparsec: pass {name!r} cannot score its choices on the model here ({why})", stacklevel=2)
-        plan.sites.update(p.plan_entries(sites, cfg, hists, scorer))
+        plan.add_entries(name, p.plan_entries(sites, cfg, hists, scorer))
     return plan
 
 
@@ -374,7 +374,7 @@ def calibrate_graph(ctx, recipe, example_inputs, plan: Plan | None = None, regis
             sites = [s for s in p.match(ctx, cfg) if s.key not in plan.sites]
             if sites:
                 entries, tensors = p.calibrate_graph(ctx, sites, cfg, real)
-                plan.sites.update(entries)
+                plan.add_entries(name, entries)
                 plan.tensors.update(tensors)
             continue
         # probe the activations the compiled graph computes: the passes before this one applied
@@ -392,7 +392,7 @@ def calibrate_graph(ctx, recipe, example_inputs, plan: Plan | None = None, regis
             remove_probes(work.gm, added)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the caller already warned that it calibrates here
-            plan.sites.update(p.plan_entries(sites, cfg, collector.hists, None))
+            plan.add_entries(name, p.plan_entries(sites, cfg, collector.hists, None))
     return plan
 
 

@@ -151,6 +151,14 @@ def _dump(ddir: Path | None, gid: int, step: int, name: str, when: str, gm: fx.G
         (ddir / f"graph{gid:03d}_{step:02d}_{name}_{when}.txt").write_text(text)
 
 
+def rewritten_count(graph: fx.Graph, sites: list) -> int:
+    """How many of a pass's sites its rewrite changed: those with a matched node no longer in
+    the graph (replaced or erased). Sites the pass left as they were (a layer the allocation
+    kept dense) do not count; no pass has to report this itself."""
+    alive = set(graph.nodes)
+    return sum(1 for s in sites if any(isinstance(n, fx.Node) and n not in alive for n in s.nodes.values()))
+
+
 def run_pipeline(ctx: GraphContext, recipe, plan, *, on_plugin_error: str = "raise", registry: Registry | None = None) -> PipelineResult:
     """Run the recipe's passes, in dependency order, over one ATen graph, using the plan.
 
@@ -189,7 +197,7 @@ def run_pipeline(ctx: GraphContext, recipe, plan, *, on_plugin_error: str = "rai
         if not sites:
             result.unmatched.append(name)
         if changed:
-            counters[name]["sites_rewritten"] += sum(1 for s in sites if plan.sites.get(s.key, {}).get("sparsity", 1) > 0)
+            counters[name]["sites_rewritten"] += rewritten_count(work.gm.graph, sites)
             result.sites.extend(sites)
         result.modified |= changed
         result.ran.append(name)

@@ -83,6 +83,10 @@ class Plan:
                 f"the plan has no site {site.key!r} ({site.kind}, pass {site.pass_name!r}); it was made for "
                 f"another model ({self.meta.get('model', '?')}, sites {known}, ...): calibrate a plan for this model"
             )
+        owner = e.get("pass", site.pass_name) if isinstance(e, dict) else site.pass_name
+        if owner != site.pass_name:
+            raise PlanError(f"site {site.key!r}: the plan's entry was made by pass {owner!r}, but pass "
+                            f"{site.pass_name!r} matched the site here (a plan's entries belong to the pass that made them)")
         self._check_entry(site.key, e, pass_name=site.pass_name, strict=False)
         if e.get("kind") != site.kind:
             raise PlanError(f"site {site.key!r}: the plan holds a {e.get('kind')!r} entry, the graph has a {site.kind!r} site")
@@ -93,6 +97,24 @@ class Plan:
                     f"site {site.key!r}: {role} has shape {list(shape)} in this model but {list(planned)} in the plan"
                 )
         return e
+
+    def add_entries(self, pass_name: str, entries: Mapping[str, dict]) -> None:
+        """Store the entries pass ``pass_name`` made, each marked with ``"pass"``. Site keys are
+        namespaced by the pass that owns them: an entry naming another pass, or a key another
+        pass already holds, is a ``PlanError`` naming both (two passes must key their sites
+        apart; the N:M pass suffixes ``:nm`` for that)."""
+        for key, entry in entries.items():
+            if not isinstance(entry, dict):
+                raise PlanError(f"pass {pass_name!r} made a {type(entry).__name__} for site {key!r}, not an entry (a dict)")
+            claimed = entry.get("pass", pass_name)
+            if claimed != pass_name:
+                raise PlanError(f"pass {pass_name!r} made the entry for site {key!r} in the name of pass {claimed!r}")
+            held = self.sites.get(key)
+            if isinstance(held, dict) and held.get("pass", pass_name) != pass_name:
+                raise PlanError(f"site {key!r} is claimed by two passes, {held['pass']!r} and {pass_name!r}: "
+                                "each pass must key its sites apart (the plan holds one entry per key)")
+        for key, entry in entries.items():
+            self.sites[key] = {**entry, "pass": pass_name}
 
     def recipe_obj(self):
         from .recipes import resolve_recipe

@@ -369,6 +369,25 @@ def test_entries_name_a_registered_pass(tmp_path, tiny_plan):
         sparsec.Plan.load(path)
 
 
+def test_site_keys_are_namespaced_by_the_pass_that_owns_them(tiny, tiny_plan):
+    """Calibration stores entries through ``Plan.add_entries``: a key another pass holds, or an
+    entry made in another pass's name, is refused naming both; a compile refuses an entry that
+    a different pass made for the matched site (it would read another pass's fields)."""
+    site = _teal_site(tiny_plan)
+    plan = sparsec.Plan(recipe=tiny_plan.recipe, sites={k: dict(e) for k, e in tiny_plan.sites.items()})
+    with pytest.raises(PlanError, match=rf"site {re.escape(repr(site))} is claimed by two passes, "
+                                        r"'activation_threshold' and 'nm_weights'"):
+        plan.add_entries("nm_weights", {site: {"sparsity": 0.5}})
+    with pytest.raises(PlanError, match=r"pass 'nm_weights' made the entry for site 'x' in the name of pass 'other'"):
+        plan.add_entries("nm_weights", {"x": {"pass": "other"}})
+    plan.add_entries("activation_threshold", {site: {**plan.sites[site], "threshold": 0.0}})  # its own: replaced
+    assert plan.sites[site]["threshold"] == 0.0 and plan.sites[site]["pass"] == "activation_threshold"
+    plan.sites[site]["pass"] = "nm_weights"
+    with pytest.raises(PlanError, match=rf"site {re.escape(repr(site))}: the plan's entry was made by pass "
+                                        r"'nm_weights', but pass 'activation_threshold' matched"):
+        sparsec.export(tiny, (torch.randint(0, 256, (1, 9)),), plan=plan)
+
+
 def test_bad_in_memory_plans_are_refused_at_rewrite(tiny, tiny_plan, nm_plan):
     """Plans never saved are checked when a pass asks for their entry: a PlanError naming the
     site and key, not a NaN threshold that zeroes the input or a C++ error at the first call."""
