@@ -31,7 +31,7 @@ def main() -> int:
     import triton
 
     from sparsec.kernels import activation as A
-    from sparsec.kernels import triton_gen as tg
+    from sparsec.kernels.activation import triton as AT
 
     dev = "cuda"
     print(f"# {torch.cuda.get_device_name()} cc={torch.cuda.get_device_capability()} torch {torch.__version__} "
@@ -46,7 +46,7 @@ def main() -> int:
             bias = torch.randn(n, device=dev).to(dtype)
             res = torch.randn(b, n, device=dev).to(dtype)
             t = float(torch.quantile(x.float().abs().flatten(), 0.5))
-            got = tg.sparse_linear_cuda(x, wt, bias, t, residual=res)
+            got = AT.sparse_linear_cuda(x, wt, bias, t, residual=res)
             ref = A.sparse_linear_reference(x, wt, bias, t) + res
             err = ((got.float() - ref.float()).abs() / (ref.float().abs() + 1)).max().item()
             ok = err < tol[dtype]
@@ -59,7 +59,7 @@ def main() -> int:
             wd = (torch.randn(h, i, device=dev) / i**0.5).to(dtype)
             a = A.ACTIVATIONS[act](F.linear(x, wg)).float().abs().flatten().sort().values
             t = float((a[len(a) // 2] + a[len(a) // 2 + 1]) / 2)
-            got = tg.sparse_cats_mlp_cuda(x, wg, None, wu, None, wd.t().contiguous(), None, t, act)
+            got = AT.sparse_cats_mlp_cuda(x, wg, None, wu, None, wd.t().contiguous(), None, t, act)
             ref = A.cats_mlp_reference(x, wg, None, wu, None, wd, None, t, act)
             err = ((got.float() - ref.float()).abs() / (ref.float().abs() + 1)).max().item()
             ok = err < 4 * tol[dtype]
@@ -116,7 +116,7 @@ def main() -> int:
 
             def sparse():
                 it["s"] += 1
-                return tg.sparse_linear_cuda(x, wts[it["s"] % copies], None, t)
+                return AT.sparse_linear_cuda(x, wts[it["s"] % copies], None, t)
 
             sparse()  # autotune outside the timing
             td = triton.testing.do_bench(dense, warmup=50, rep=300, return_mode="median")
@@ -139,7 +139,7 @@ def nm_check(dev: str) -> tuple[int, list[dict]]:
     import triton
 
     from sparsec.kernels import nm
-    from sparsec.kernels import triton_gen as tg
+    from sparsec.kernels._triton import MAX_BATCH
 
     fails = 0
     tol = {torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 4e-3}
@@ -205,7 +205,7 @@ def nm_check(dev: str) -> tuple[int, list[dict]]:
             ts = triton.testing.do_bench(semi, warmup=25, rep=150, return_mode="median") if semi else float("nan")
             route = nm.semi_structured_route(tokens, o, k, 2, 4, torch.bfloat16, torch.cuda.get_device_capability(),
                                              nm._available_semi_structured_backends()) or (
-                                                 "triton" if tokens <= tg.MAX_BATCH else "dense")
+                                                 "triton" if tokens <= MAX_BATCH else "dense")
             rows.append(dict(shape=f"{o}x{k}", tokens=tokens, cublas_us=td * 1e3, op_us=to * 1e3,
                              semi_us=ts * 1e3, route=route))
             print(f"         {o:>5}x{k:<5} {tokens:>6} {td * 1e3:>9.1f} {to * 1e3:>8.1f} {ts * 1e3:>8.1f} "

@@ -1,6 +1,7 @@
 """Layering (../shared/ARCHITECTURE.md), checked on the sources: no import cycles among module-level
 imports; kernels never import passes; core (``sparsec/``) imports no pass family and no kernel
-family by name (``sparsec.kernels._common`` is the shared leaf it may use).
+family by name (``sparsec.kernels._common`` is the shared leaf it may use); the shared Triton
+machinery (``kernels/_triton``) imports no family.
 
 ``CORE_DEBT`` lists the core imports of a family that remain until the restructure moves that
 code into its family (issue "Seams"); the test fails on any import not listed, and on a listed
@@ -74,6 +75,14 @@ def test_no_import_cycles():
 def test_kernels_never_import_passes():
     bad = [(n, d) for n, p in modules().items() if n.startswith("sparsec.kernels")
            for d in imports(n, p, top_level_only=False) if d.startswith("sparsec.passes")]
+    assert bad == []
+
+
+def test_shared_triton_machinery_imports_no_family():
+    """``kernels/_triton`` is generic: the families import it and register their templates."""
+    bad = [(n, d) for n, p in modules().items() if n.startswith("sparsec.kernels._triton")
+           for d in imports(n, p, top_level_only=False)
+           if family_of(d) not in (None, "sparsec.kernels._triton") or d.startswith("sparsec.passes")]
     assert bad == []
 
 

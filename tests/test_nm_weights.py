@@ -293,9 +293,9 @@ def test_cpu_tensors_never_take_the_cuda_route():
     x = torch.randn(40, 64)
     w = torch.randn(32, 64)
     v, p = nm.pack(w, nm.nm_mask(w.abs(), 2, 4), 2, 4)
-    from sparsec.kernels import triton_gen as tg
+    from sparsec.kernels.nm.triton import nm_linear_cuda
 
-    torch.testing.assert_close(tg.nm_linear_cuda(x, v, p, None, 2, 4, -1.0),
+    torch.testing.assert_close(nm_linear_cuda(x, v, p, None, 2, 4, -1.0),
                                nm.nm_linear_reference(x, v, p, None, 2, 4, -1.0))
 
 

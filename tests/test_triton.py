@@ -19,8 +19,11 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from sparsec.kernels import _triton  # noqa: E402
 from sparsec.kernels import activation as A  # noqa: E402
-from sparsec.kernels import triton_gen as tg  # noqa: E402
+from sparsec.kernels._triton.source import _MODULES  # noqa: E402
+from sparsec.kernels.activation import triton as AT  # noqa: E402
+from sparsec.kernels.nm import triton as NT  # noqa: E402
 
 TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (3e-2, 1.6e-2), torch.float16: (4e-3, 2e-3)}
 
@@ -33,7 +36,7 @@ def interpret(monkeypatch, tmp_path):
         pytest.skip("TRITON_INTERPRET=1 must be set before triton is imported (conftest does on CPU machines)")
     monkeypatch.setenv("SPARSEC_CACHE", str(tmp_path))
     yield
-    tg._MODULES.clear()
+    _MODULES.clear()
 
 
 def _between(v: torch.Tensor, s: float) -> float:
@@ -59,9 +62,9 @@ def test_sparse_linear_interpreted(interpret, dtype, batch, k, n):
     b = torch.randn(n, generator=g).to(dtype)
     res = torch.randn(batch, n, generator=g).to(dtype)
     t = float(torch.quantile(x.float().abs().flatten(), 0.6))
-    _close(tg.sparse_linear_cuda(x, wt, None, t), A.sparse_linear_reference(x, wt, None, t), dtype)
+    _close(AT.sparse_linear_cuda(x, wt, None, t), A.sparse_linear_reference(x, wt, None, t), dtype)
     # fused bias + residual epilogue
-    _close(tg.sparse_linear_cuda(x, wt, b, t, residual=res), A.sparse_linear_reference(x, wt, b, t) + res, dtype, 2)
+    _close(AT.sparse_linear_cuda(x, wt, b, t, residual=res), A.sparse_linear_reference(x, wt, b, t) + res, dtype, 2)
 
 
 def test_sparse_linear_interpreted_edges(interpret):
@@ -69,11 +72,11 @@ def test_sparse_linear_interpreted_edges(interpret):
     wt = torch.randn(50, 40)
     b = torch.randn(40)
     # sparsity 1: every program returns early, y is the bias; sparsity 0: the dense product
-    assert torch.equal(tg.sparse_linear_cuda(x, wt, b, float("inf")), b.expand(2, 40))
-    _close(tg.sparse_linear_cuda(x, wt, b, -1.0), x @ wt + b, torch.float32)
+    assert torch.equal(AT.sparse_linear_cuda(x, wt, b, float("inf")), b.expand(2, 40))
+    _close(AT.sparse_linear_cuda(x, wt, b, -1.0), x @ wt + b, torch.float32)
     x[0, 3] = float("nan")
     x[1, 4] = float("inf")
-    got, ref = tg.sparse_linear_cuda(x, wt, None, 0.5), A.sparse_linear_reference(x, wt, None, 0.5)
+    got, ref = AT.sparse_linear_cuda(x, wt, None, 0.5), A.sparse_linear_reference(x, wt, None, 0.5)
     assert torch.equal(torch.isnan(got), torch.isnan(ref)) and torch.isnan(got[0]).all()
     assert torch.equal(torch.isinf(got), torch.isinf(ref))
 
@@ -89,7 +92,7 @@ def test_cats_interpreted(interpret, dtype, act):
     bu, bd = torch.randn(i, generator=g).to(dtype), torch.randn(o, generator=g).to(dtype)
     a = A.ACTIVATIONS[act](torch.nn.functional.linear(x, wg))
     t = _between(a, 0.5)
-    got = tg.sparse_cats_mlp_cuda(x, wg, None, wu, bu, wd.t().contiguous(), bd, t, act)
+    got = AT.sparse_cats_mlp_cuda(x, wg, None, wu, bu, wd.t().contiguous(), bd, t, act)
     ref = A.cats_mlp_reference(x, wg, None, wu, bu, wd, bd, t, act)
     _close(got, ref, dtype, scale=4.0)
 
@@ -105,32 +108,34 @@ def test_nm_linear_interpreted(interpret, dtype, n, m, t):
     v, p = nm.pack(w, keep, n, m)
     x = torch.randn(3, 96, generator=g).to(dtype)
     b = torch.randn(67, generator=g).to(dtype)
-    _close(tg.nm_linear_cuda(x, v, p, b, n, m, t), nm.nm_linear_reference(x, v, p, b, n, m, t), dtype)
+    _close(NT.nm_linear_cuda(x, v, p, b, n, m, t), nm.nm_linear_reference(x, v, p, b, n, m, t), dtype)
 
 
 def test_generated_source_is_specialised_and_dumped(interpret, monkeypatch, tmp_path):
     monkeypatch.setenv("SPARSEC_DEBUG", str(tmp_path / "dbg"))
-    spec = tg.SiteSpec("sparse_linear", torch.bfloat16, 1000, 4099, has_bias=True)
-    tg.generate(spec)
+    spec = _triton.SiteSpec("sparse_linear", torch.bfloat16, 1000, 4099, has_bias=True)
+    _triton.generate(spec)
     src = (tmp_path / "dbg" / "kernels" / f"{spec.name}.py").read_text()
     assert "offs_k < 1000" in src and "offs_n < 4099" in src and "DT = tl.bfloat16" in src
-    cuda_src = tg.render(spec, arch=9)
-    assert cuda_src.count("triton.Config(") == len(tg.CONFIGS[9]) + 0 and "tl.dot(xs, w, out_dtype=tl.float32)" in cuda_src
+    cuda_src = _triton.render(spec, arch=9)
+    assert cuda_src.count("triton.Config(") == len(AT.CONFIGS[9]) + 0 and "tl.dot(xs, w, out_dtype=tl.float32)" in cuda_src
 
 
 _AOT = """
 import json, torch
-from sparsec.kernels import triton_gen as tg
+from sparsec.kernels import _triton
+from sparsec.kernels.activation.triton import CatsSpec
+from sparsec.kernels.nm.triton import NMSpec
 specs = [
-    (tg.SiteSpec("sparse_linear", torch.bfloat16, 1000, 4099, has_bias=True, has_residual=True), (80, 90)),
-    (tg.SiteSpec("sparse_linear", torch.float16, 576, 1536), (90,)),
-    (tg.SiteSpec("sparse_cats_mlp", torch.bfloat16, 576, 576, inter=1536, activation="silu"), (80, 90)),
-    (tg.SiteSpec("nm_linear", torch.bfloat16, 4096, 11008, nm=(2, 4), activation="threshold"), (80, 90)),
+    (_triton.SiteSpec("sparse_linear", torch.bfloat16, 1000, 4099, has_bias=True, has_residual=True), (80, 90)),
+    (_triton.SiteSpec("sparse_linear", torch.float16, 576, 1536), (90,)),
+    (CatsSpec("sparse_cats_mlp", torch.bfloat16, 576, 576, inter=1536, activation="silu"), (80, 90)),
+    (NMSpec("nm_linear", torch.bfloat16, 4096, 11008, nm=(2, 4), thresholded=True), (80, 90)),
 ]
 out = []
 for spec, ccs in specs:
     for cc in ccs:
-        res = tg.aot_compile(spec, cc)
+        res = _triton.aot_compile(spec, cc)
         out.append({"name": spec.name, "cc": cc, "kernels": {k: [c[:4].hex() for c in v] for k, v in res.items()}})
 print(json.dumps(out))
 """
@@ -154,11 +159,11 @@ def test_aot_cubin(tmp_path):
         arch = 9 if o["cc"] >= 90 else 8
         if "nm_linear" in o["name"]:
             assert set(o["kernels"]) == {"nm_gemv", "epilogue"}
-            assert len(o["kernels"]["nm_gemv"]) == len(tg.NM_CONFIGS[arch])
+            assert len(o["kernels"]["nm_gemv"]) == len(NT.NM_CONFIGS[arch])
         else:
             expect = {"sparse_gemv", "epilogue"} | ({"cats_up"} if "cats" in o["name"] else set())
             assert set(o["kernels"]) == expect
-            assert len(o["kernels"]["sparse_gemv"]) == len(tg.CONFIGS[arch])
+            assert len(o["kernels"]["sparse_gemv"]) == len(AT.CONFIGS[arch])
         for kname, heads in o["kernels"].items():
             assert heads and all(h == "7f454c46" for h in heads), (o["name"], kname)  # ELF cubins
 
@@ -207,7 +212,8 @@ def test_use_triton_ops_swaps_only_cuda_sites():
         other.meta["val"] = torch.empty(2, 7, device="cuda")
     graph.output(tuple(outs) + (other,))
     gm = fx.GraphModule(torch.nn.Module(), graph)
-    assert tg.use_triton_ops(gm) == 1
+    assert NT.use_triton_ops(gm) == 0  # each family swaps its own ops only
+    assert AT.use_triton_ops(gm) == 1
     assert outs[0].target is torch.ops.sparsec.sparse_linear.default
     assert outs[1].target is torch.ops.sparsec.triton_sparse_linear.default
     assert outs[1].args[4:] == (None, None) and outs[1].kwargs == {"group_weights": []}
@@ -215,10 +221,56 @@ def test_use_triton_ops_swaps_only_cuda_sites():
     assert "triton_sparse_linear" in gm.code
 
 
+def test_each_family_lowering_swaps_its_own_twins():
+    """The families register their twins through the lowering seam: core's ``lower`` calls each
+    ``Lowering.triton`` (on a GPU machine), and each swaps the CUDA nodes of its own op."""
+    import torch.fx as fx
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from sparsec.plugins import get_registry
+
+    ops = {"sparse_linear": 4, "sparse_cats_mlp": 9, "nm_linear": 7}  # op -> its positional arguments
+    graph = fx.Graph()
+    nodes = {}
+    with FakeTensorMode():
+        for op, nargs in ops.items():
+            args = tuple(graph.placeholder(f"{op}_{i}") for i in range(nargs))
+            nodes[op] = graph.call_function(getattr(torch.ops.sparsec, op).default, args)
+            nodes[op].meta["val"] = torch.empty(2, 7, device="cuda")
+    graph.output(tuple(nodes.values()))
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    lowerings = get_registry().lowerings
+    for op in ops:
+        assert lowerings[f"sparsec::{op}"].triton(gm) == 1, op
+        assert nodes[op].target is getattr(torch.ops.sparsec, f"triton_{op}").default
+    assert [n.target for n in nodes.values()] == [getattr(torch.ops.sparsec, f"triton_{op}").default for op in ops]
+
+
+def test_triton_gen_shim_keeps_old_names():
+    """``sparsec.kernels.triton_gen`` (deprecated) still gives every name it had, now the
+    objects of ``_triton`` and the families' ``triton`` modules."""
+    from sparsec.kernels import triton_gen as tg
+
+    assert tg.generate is _triton.generate and tg.aot_compile is _triton.aot_compile
+    assert tg.sparse_linear_cuda is AT.sparse_linear_cuda and tg.nm_linear_cuda is NT.nm_linear_cuda
+    assert tg.CONFIGS is AT.CONFIGS and tg.NM_CONFIGS is NT.NM_CONFIGS and tg._MODULES is _MODULES
+    assert tg.MAX_BATCH == 16 and tg._launch is _triton.launch and tg._epilogue is _triton.run_epilogue
+    assert tg.TRITON_TWINS == {"sparse_linear": "triton_sparse_linear", "sparse_cats_mlp": "triton_sparse_cats_mlp",
+                               "nm_linear": "triton_nm_linear"}
+    # the old all-families SiteSpec signature builds the family's spec, named as before
+    assert tg.SiteSpec("sparse_cats_mlp", torch.bfloat16, 576, 576, inter=1536, activation="silu") == AT.CatsSpec(
+        "sparse_cats_mlp", torch.bfloat16, 576, 576, inter=1536, activation="silu")
+    nm_spec = tg.SiteSpec("nm_linear", torch.bfloat16, 4096, 11008, has_bias=True, nm=(2, 4), activation="threshold")
+    assert nm_spec == NT.NMSpec("nm_linear", torch.bfloat16, 4096, 11008, has_bias=True, nm=(2, 4), thresholded=True)
+    assert nm_spec.name.rsplit("_", 1)[0] == "nm_linear_bfloat16_k4096_n11008_2of4_bias"
+    assert set(tg._signatures(nm_spec)) == {"nm_gemv", "epilogue"}
+
+
 _DECOMPOSE = """
 import json, torch, triton
 from triton.backends.compiler import GPUTarget
-from sparsec.kernels import nm, triton_gen as tg
+from sparsec.kernels import nm
+import sparsec.kernels.activation.triton, sparsec.kernels.nm.triton  # the triton_op twins
 
 class SM90:  # what Inductor asks the driver while it analyses a kernel (no GPU needed)
     def get_current_target(self):

@@ -13,7 +13,7 @@ Two families:
 - ``sparsec::sparse_linear`` / ``sparsec::sparse_cats_mlp`` take *prepared* weights: the
   transposed weight (``[in, out]``, one contiguous row per input channel) made once at
   compile time by ``sparsec.codegen``. CPU tensors run the C++ kernels (``kernels/cpu.py``),
-  CUDA tensors the generated Triton kernels (``kernels/triton_gen.py``).
+  CUDA tensors the generated Triton kernels (``kernels/activation/triton.py``).
 
 Kernels are used for at most ``MAX_KERNEL_ROWS`` rows (tokens); beyond that the union of the
 rows' active channels is nearly everything and a dense GEMM on the thresholded input wins
@@ -249,17 +249,17 @@ def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, t
 
 @torch.library.impl(_lib, "sparse_linear", "CUDA")
 def _(x, weight_t, bias, threshold, weight=None, residual=None, group_weights=None):
-    from .. import triton_gen
+    from .triton import sparse_linear_cuda
 
-    return triton_gen.sparse_linear_cuda(x, weight_t, bias, threshold, residual=residual)
+    return sparse_linear_cuda(x, weight_t, bias, threshold, residual=residual)
 
 
 @torch.library.impl(_lib, "sparse_cats_mlp", "CUDA")
 def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation, residual=None,
       down_weight=None):
-    from .. import triton_gen
+    from .triton import sparse_cats_mlp_cuda
 
-    return triton_gen.sparse_cats_mlp_cuda(
+    return sparse_cats_mlp_cuda(
         x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, threshold, activation,
         residual=residual,
     )
@@ -267,15 +267,15 @@ def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight_t, down_bias, t
 
 @threshold_linear.register_kernel("cuda")
 def _(x, weight, bias, threshold):
-    from .. import triton_gen
+    from .triton import sparse_linear_cuda
 
-    return triton_gen.sparse_linear_cuda(x, transposed(weight), bias, threshold)
+    return sparse_linear_cuda(x, transposed(weight), bias, threshold)
 
 
 @cats_mlp.register_kernel("cuda")
 def _(x, gate_weight, gate_bias, up_weight, up_bias, down_weight, down_bias, threshold, activation):
-    from .. import triton_gen
+    from .triton import sparse_cats_mlp_cuda
 
-    return triton_gen.sparse_cats_mlp_cuda(
+    return sparse_cats_mlp_cuda(
         x, gate_weight, gate_bias, up_weight, up_bias, transposed(down_weight), down_bias, threshold, activation
     )

@@ -250,7 +250,6 @@ def _(x, values, positions, bias, n, m, threshold, dense_copy=False, residual=No
 
 @torch.library.impl(_lib, "nm_linear", "CUDA")
 def _(x, values, positions, bias, n, m, threshold, dense_copy=False, residual=None):
-    from .. import triton_gen
+    from .triton import nm_linear_cuda
 
-    return triton_gen.nm_linear_cuda(x, values, positions, bias, n, m, threshold, residual=residual,
-                                     dense_copy=dense_copy)
+    return nm_linear_cuda(x, values, positions, bias, n, m, threshold, residual=residual, dense_copy=dense_copy)

@@ -5,7 +5,7 @@ compile time they become their prepared twins ``sparsec::sparse_linear`` /
 ``sparsec::sparse_cats_mlp``, which read a transposed copy (one contiguous row per input
 channel: the kernels stream only the rows of active inputs) and take the original weights
 too, for their dense paths (prefill). They dispatch on device: C++ on CPU, generated Triton
-on CUDA (``sparsec.kernels.triton_gen``), the plain-torch reference elsewhere.
+on CUDA (``sparsec.kernels.activation.triton``), the plain-torch reference elsewhere.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from sparsec.codegen import Lowering, LoweringContext
 __all__ = ["lower_threshold_linear", "lower_cats_mlp", "LOWERINGS"]
 
 
-def _generate_triton(twin: str, node: fx.Node, buffer: torch.Tensor) -> None:
+def _generate_triton(op: str, node: fx.Node, buffer: torch.Tensor) -> None:
     if buffer.is_cuda:
-        from sparsec.kernels import triton_gen
+        from sparsec.kernels.activation.triton import prepare_site
 
-        triton_gen.prepare_site(twin, node, buffer)
+        prepare_site(op, node, buffer)
 
 
 def lower_threshold_linear(lctx: LoweringContext, nodes: list[fx.Node]) -> None:
@@ -98,10 +98,15 @@ def lower_cats_mlp(lctx: LoweringContext, nodes: list[fx.Node]) -> None:
         _generate_triton("sparse_cats_mlp", new, prep.buffer)
 
 
-def _use_triton_ops(gm: fx.GraphModule) -> int:
-    from sparsec.kernels import triton_gen
+def _use_triton_ops(op: str):
+    """``Lowering.triton`` of ``op``: its CUDA nodes become its ``triton_op`` twin."""
 
-    return triton_gen.use_triton_ops(gm) if triton_gen.available() else 0
+    def swap(gm: fx.GraphModule) -> int:
+        from sparsec.kernels.activation import triton as kernels  # registers the family's twins
+
+        return kernels.use_triton_ops(gm, (op,)) if kernels.available() else 0
+
+    return swap
 
 
 LOWERINGS = {
@@ -109,6 +114,6 @@ LOWERINGS = {
     "sparsec::cats_mlp": Lowering(prepare=lower_cats_mlp),
     # the prepared twins add a residual in their epilogue (the C++ kernels in place on their
     # fresh output, the Triton templates in the store: one launch fewer per o_proj / down_proj)
-    "sparsec::sparse_linear": Lowering(epilogue="residual", triton=_use_triton_ops),
-    "sparsec::sparse_cats_mlp": Lowering(epilogue="residual"),
+    "sparsec::sparse_linear": Lowering(epilogue="residual", triton=_use_triton_ops("sparse_linear")),
+    "sparsec::sparse_cats_mlp": Lowering(epilogue="residual", triton=_use_triton_ops("sparse_cats_mlp")),
 }

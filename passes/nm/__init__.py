@@ -67,9 +67,15 @@ def sparsec_register_lowerings(register):
     from sparsec.codegen import Lowering
 
     # nm_linear runs as emitted (its compressed weights are the plan's); it adds a residual in
-    # its epilogue, and on CUDA becomes a triton_op twin (the activation family's Triton swap
-    # covers every generated kernel: sparsec.kernels.triton_gen.use_triton_ops)
-    register("sparsec::nm_linear", Lowering(epilogue="residual"))
+    # its epilogue, and on CUDA becomes its triton_op twin (sparsec.kernels.nm.triton)
+    register("sparsec::nm_linear", Lowering(epilogue="residual", triton=_use_triton_ops))
+
+
+def _use_triton_ops(gm) -> int:
+    """``Lowering.triton`` of ``nm_linear``: its CUDA nodes become its ``triton_op`` twin."""
+    from sparsec.kernels.nm import triton as kernels  # registers the family's twin
+
+    return kernels.use_triton_ops(gm) if kernels.available() else 0
 
 
 
