@@ -14,6 +14,12 @@
    cuBLAS on the dense masked weight from 1 to 4096 tokens: the Triton GEMV at <= 16 tokens,
    ``sparsec::nm_linear`` as routed, and the semi-structured GEMM forced, which gives the
    crossover ``kernels/nm.py::SEMI_STRUCTURED_MIN_TOKENS`` should hold.
+5. R-Sparse: ``sparsec::rsparse_linear_t`` (the generated kernels at <= 16 tokens, the dense
+   path above) on odd shapes, ranks 0 and odd, bf16/fp16/fp32, with bias and residual, all /
+   none / half the channels active, vs the reference; then bf16 speed vs cuBLAS at 4096x4096,
+   density 0.5, rank 512 (= 0.25 in out / (in + out)) at 1, 4 and 16 tokens: eager (the
+   op as dispatched, Python included) and under a CUDA graph (the two launches alone), with
+   the ideal speedup from the bytes read (``in out`` dense; ``k out + (in - k) r + r out``).
 """
 
 from __future__ import annotations
@@ -129,9 +135,11 @@ def main() -> int:
                   flush=True)
     nm_fails, nm_rows = nm_check(dev)
     fails += nm_fails
+    rs_fails, rs_rows = rsparse_check(dev)
+    fails += rs_fails
     with open(sys.argv[1] if len(sys.argv) > 1 else "gpu_bench.json", "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "failures": fails, "rows": rows, "nm_rows": nm_rows},
-                  f, indent=1)
+        json.dump({"device": torch.cuda.get_device_name(), "failures": fails, "rows": rows, "nm_rows": nm_rows,
+                   "rsparse_rows": rs_rows}, f, indent=1)
     return 1 if fails else 0
 
 
@@ -210,6 +218,91 @@ def nm_check(dev: str) -> tuple[int, list[dict]]:
                              semi_us=ts * 1e3, route=route))
             print(f"         {o:>5}x{k:<5} {tokens:>6} {td * 1e3:>9.1f} {to * 1e3:>8.1f} {ts * 1e3:>8.1f} "
                   f"{td / to:>5.2f}x {td / ts:>5.2f}x  {route}", flush=True)
+    return fails, rows
+
+
+def rsparse_check(dev: str) -> tuple[int, list[dict]]:
+    import triton
+
+    from sparsec.kernels.rsparse import ops as R  # its CUDA kernel imports the Triton launcher on first use
+
+    fails = 0
+    tol = {torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+    flt_max = 3.4028234663852886e38
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for (b, k, n, r) in [(1, 1000, 4099, 0), (3, 576, 1536, 37), (16, 1536, 576, 100), (5, 4096, 4096, 512),
+                             (17, 576, 1536, 37)]:
+            x = torch.randn(b, k, device=dev).to(dtype)
+            wt = (torch.randn(k, n, device=dev) / k**0.5).to(dtype)
+            scale = torch.rand(k, device=dev) + 0.5
+            v = (torch.randn(k, r, device=dev) / k**0.5).to(dtype)
+            us = (torch.randn(r, n, device=dev) / max(r, 1) ** 0.5).to(dtype)
+            bias = torch.randn(n, device=dev).to(dtype)
+            res = torch.randn(b, n, device=dev).to(dtype)
+            med = float((x.float().abs() * scale).flatten().median())
+            for name, t in (("half", med), ("all", -1.0), ("none", flt_max)):
+                got = torch.ops.sparsec.rsparse_linear_t(x, wt, bias, scale, v, us, t, None, res)
+                ref = R.rsparse_linear_t_reference(x, wt, bias, scale, v, us, t, residual=res)
+                err = ((got.float() - ref.float()).abs() / (ref.float().abs() + 1)).max().item()
+                ok = err < 2 * tol[dtype]  # 2: the reference rounds y before adding the residual
+                fails += not ok
+                print(f"rsparse {str(dtype):15} b={b:<2} {k}x{n} r={r:<3} {name:4}: max rel err {err:.2e} "
+                      f"{'ok' if ok else 'FAIL'}", flush=True)
+        x = torch.randn(2, 576, device=dev).to(dtype)  # a NaN input is active: its row is NaN
+        x[0, 3] = float("nan")
+        wt, scale = torch.randn(576, 300, device=dev).to(dtype), torch.rand(576, device=dev)
+        v, us = torch.randn(576, 20, device=dev).to(dtype), torch.randn(20, 300, device=dev).to(dtype)
+        got = torch.ops.sparsec.rsparse_linear_t(x, wt, None, scale, v, us, flt_max)
+        ok = bool(torch.isnan(got[0]).all()) and not bool(torch.isnan(got[1]).any())
+        fails += not ok
+        print(f"rsparse {str(dtype):15} NaN input stays active: {'ok' if ok else 'FAIL'}", flush=True)
+
+    rows = []
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    k = n = 4096
+    r = round(0.25 * k * n / (k + n))  # 512: the low-rank term reads a quarter of the dense weight
+    w = (torch.randn(n, k, device=dev) / k**0.5).bfloat16()
+    copies = max(4, -(-8 * l2 // (w.numel() * 2)))
+    ws = [w.clone() for _ in range(copies)]
+    sites = [(w.t().contiguous(), (torch.randn(k, r, device=dev) / k**0.5).bfloat16(),
+              (torch.randn(r, n, device=dev) / r**0.5).bfloat16()) for _ in range(copies)]
+    scale = w.float().norm(dim=0)
+    print(f"\nR-Sparse bf16 {n}x{k} r={r} density 0.5 {'tokens':>6} {'cuBLAS us':>9} {'op us':>8} {'speedup':>8} "
+          f"{'graph: cuBLAS us':>16} {'op us':>8} {'speedup':>8} {'% ideal':>7}")
+    for tokens in (1, 4, 16):
+        x = torch.randn(tokens, k, device=dev).bfloat16()
+        t = float((x.float().abs() * scale).flatten().median())  # density 0.5 over all (token, channel)
+        m = ~(x.float().abs() * scale <= t)
+        # the rows the kernels read: of W^T where any token is active, of v where any is not
+        active, inactive = int(m.any(0).sum()), int((~m).any(0).sum())
+        ideal = (n * k) / (active * n + inactive * r + r * n)  # bytes: dense / R-Sparse
+        it = {"d": 0, "s": 0}
+
+        def dense():
+            it["d"] += 1
+            return F.linear(x, ws[it["d"] % copies])
+
+        def op():
+            it["s"] += 1
+            wt, v, us = sites[it["s"] % copies]
+            return torch.ops.sparsec.rsparse_linear_t(x, wt, None, scale, v, us, t, ws[0])
+
+        op()  # autotune outside the timing
+        td = triton.testing.do_bench(dense, warmup=25, rep=150, return_mode="median")
+        to = triton.testing.do_bench(op, warmup=25, rep=150, return_mode="median")
+        try:  # every copy once per replay: the weights stay out of L2 as in the eager timing
+            gd = triton.testing.do_bench_cudagraph(lambda: [dense() for _ in range(copies)], rep=100,
+                                                   return_mode="median") / copies
+            go = triton.testing.do_bench_cudagraph(lambda: [op() for _ in range(copies)], rep=100,
+                                                   return_mode="median") / copies
+        except Exception as e:  # noqa: BLE001 - report and go on: this is a probe
+            print(f"CUDA graph timing failed: {e}", flush=True)
+            gd = go = float("nan")
+        rows.append(dict(shape=f"{n}x{k}", rank=r, tokens=tokens, active_rows=active, inactive_rows=inactive,
+                         cublas_us=td * 1e3, op_us=to * 1e3, graph_cublas_us=gd * 1e3, graph_op_us=go * 1e3,
+                         ideal_speedup=ideal))
+        print(f"{'':>38} {tokens:>6} {td * 1e3:>9.1f} {to * 1e3:>8.1f} {td / to:>7.2f}x {gd * 1e3:>16.1f} "
+              f"{go * 1e3:>8.1f} {gd / go:>7.2f}x {100 * gd / go / ideal:>6.0f}%", flush=True)
     return fails, rows
 
 

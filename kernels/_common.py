@@ -14,7 +14,8 @@ import sys
 
 import torch
 
-__all__ = ["version_of", "empty_huge", "HUGE_PAGE", "linear_as_mm", "threshold_reference", "add_residual"]
+__all__ = ["version_of", "empty_huge", "HUGE_PAGE", "linear_as_mm", "threshold_reference", "scaled_active",
+           "add_residual"]
 
 log = logging.getLogger("sparsec.kernels")
 
@@ -30,6 +31,17 @@ def threshold_reference(x: torch.Tensor, threshold: float) -> torch.Tensor:
     xa = x.abs() if x.dtype in (torch.float32, torch.float64) else x.abs().float()
     keep = (xa > threshold) | torch.isnan(x)
     return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def scaled_active(x: torch.Tensor, scale: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The threshold-vector compare: channel ``i`` is active where ``!(|x_i| s_i <= t)``, a bool
+    tensor of x's shape. R-Sparse scores inputs by ``|x_i| ||W[:, i]||``; any weight-informed
+    threshold is this compare with another ``s``. The product is taken in fp32 (fp64 for fp64
+    inputs), once, as the C++ kernels take it (``kernels/csrc/sparsec_common.h``), and written
+    as a negated ``<=`` so that a NaN input (or a NaN product) stays active."""
+    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    score = x.abs().to(cd) * scale.to(cd)
+    return ~(score <= threshold)
 
 
 def add_residual(y: torch.Tensor, residual: torch.Tensor | None, op: str) -> torch.Tensor:

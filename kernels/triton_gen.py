@@ -38,8 +38,9 @@ MOVED = {
 }
 globals().update({old: getattr(module, new) for old, (module, new) in MOVED.items()})
 
-#: op -> its triton_op twin (what the families registered; ``use_triton_ops`` reads the registry)
-TRITON_TWINS = {op: entry.twin for op, entry in spec.registered_ops().items()}
+#: op -> its triton_op twin, for the ops this module had: fixed, not whatever families happen to
+#: be imported first (``use_triton_ops`` reads the registry, ``spec.registered_ops()``)
+TRITON_TWINS = {op: spec.registered(op).twin for op in activation_triton.OPS + nm_triton.OPS}
 
 
 def SiteSpec(op: str, dtype: torch.dtype, k: int, n: int, inter: int = 0, has_bias: bool = False,

@@ -20,12 +20,13 @@ import torch
 from .capabilities import HistogramCalibration, ModelCalibration, PrunesWeights, ScoresOnModel, needs_calibration
 from .capture import capture_dynamo
 from .errors import PlanError, RecipeError
-from .pipeline import Collector, insert_probes, order_passes, remove_probes
+from .pipeline import Collector, check_claims, insert_probes, order_passes, remove_probes
 from .plan import Plan
 from .plugins import get_registry
 from .recipes import resolve_recipe
 
-__all__ = ["ArgsKwargs", "check_batch", "calibrate", "calibrate_graph", "split_batch", "record_kwargs", "first_tensor", "with_weights"]
+__all__ = ["ArgsKwargs", "check_batch", "calibrate", "calibrate_graph", "split_batch", "record_kwargs", "first_tensor", "with_weights",
+           "model_scorer"]
 
 
 @dataclass(frozen=True)
@@ -130,9 +131,11 @@ class _BlockScorer:
         with torch.no_grad():
             return first_tensor(mod(*args, **kwargs)).float()
 
-    def _hook(self, thresholds: dict[str, float]) -> list:
+    def _hook(self, thresholds: dict[str, object]) -> list:
+        # a value is whatever the pass's transform takes (a threshold; R-Sparse: its factors);
+        # None, or a threshold <= 0, leaves the site dense
         return [self.model.get_submodule(key).register_forward_pre_hook(lambda m, a, t=t: (self._thr(a[0], t), *a[1:]))
-                for key, t in thresholds.items() if t > 0]
+                for key, t in thresholds.items() if t is not None and not (isinstance(t, (int, float)) and t <= 0)]
 
     def _logp(self) -> list[torch.Tensor]:
         out = []
@@ -168,6 +171,15 @@ class _BlockScorer:
         finally:
             for h in hooks:
                 h.remove()
+
+
+def model_scorer(model: torch.nn.Module, sites: list, batches: list, transform):
+    """For passes that calibrate on the model themselves (``ModelCalibration``): the scorer
+    ``sparsec.calibrate`` gives histogram passes, with ``transform(input, value)`` applied to
+    the input of each site's ``nn.Linear`` (sites keyed by module path). ``scorer(block,
+    values)`` is the block's relative output error, ``scorer.model_kl(values)`` the mean
+    next-token KL on ``batches``. ``None`` (and the reason) when the sites are not hookable."""
+    return _scorer_for(model, sites, batches, transform)
 
 
 def _scorer_for(model, sites, batches, transform):
@@ -265,6 +277,8 @@ def calibrate(model: torch.nn.Module, batches: Iterable, recipe: Any = "teal-50"
         return col
 
     collector = collect(model, "sparsec calibrate")
+    # two passes claiming one linear is an error: say it now, not after calibrating both
+    check_claims({n: list(f.values()) for n, f in found.items()}, reg)
 
     # Weight passes (SparseGPT, Wanda...) first: the activation passes are then calibrated on
     # the model with the pruned weights, whose activations are what the compiled model sees

@@ -150,6 +150,10 @@ class Pass:
     phase: ClassVar[str] = "rewrite"
     after: ClassVar[tuple[str, ...]] = ()
     before: ClassVar[tuple[str, ...]] = ()
+    #: passes whose sites may name the same weight as this pass's (their rewrites compose on one
+    #: linear: N:M absorbs TEAL's threshold); any other two passes claiming one weight are an
+    #: error naming both, before anything is rewritten (either side may declare it)
+    shares_weights_with: ClassVar[tuple[str, ...]] = ()
     config_cls: ClassVar[type | None] = None
 
     def needs_calibration(self, config) -> bool:

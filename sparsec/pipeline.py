@@ -159,6 +159,42 @@ def rewritten_count(graph: fx.Graph, sites: list) -> int:
     return sum(1 for s in sites if any(isinstance(n, fx.Node) and n not in alive for n in s.nodes.values()))
 
 
+def check_claims(sites_by_pass: dict[str, list], registry: Registry) -> None:
+    """``PassError`` if two passes of a recipe claim one weight (their sites name the same
+    parameter) and neither declares ``shares_weights_with`` the other: the later one would
+    see the earlier one's op instead of the linear and skip it, or rewrite it wrongly."""
+    owner: dict[str, str] = {}
+    for name, sites in sites_by_pass.items():
+        for s in sites:
+            w = s.weights.get("weight") if isinstance(s.weights, dict) else None
+            other = owner.get(w) if w else None
+            if other is None or other == name:
+                if w:
+                    owner.setdefault(w, name)
+                continue
+            p, q = registry.passes[name], registry.passes[other]
+            if other in getattr(p, "shares_weights_with", ()) or name in getattr(q, "shares_weights_with", ()):
+                continue
+            raise PassError(f"passes {other!r} and {name!r} both claim the linear {GraphContext.module_path(w)!r} "
+                            f"(weight {w!r}); they do "
+                            "not compose on one linear: give them disjoint targets/ignore")
+
+
+def _claims(ctx: GraphContext, recipe, names: list[str], reg: Registry) -> None:
+    """Match every pass of the recipe on the graph as captured, to ``check_claims``."""
+    if len(names) < 2:
+        return
+    found = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # each pass warns about its matches when it runs
+        for name in names:
+            try:
+                found[name] = reg.passes[name].match(ctx, recipe.passes[name])
+            except Exception:  # a pass that cannot match the raw graph says so when it runs
+                found[name] = []
+    check_claims(found, reg)
+
+
 def run_pipeline(ctx: GraphContext, recipe, plan, *, on_plugin_error: str = "raise", registry: Registry | None = None) -> PipelineResult:
     """Run the recipe's passes, in dependency order, over one ATen graph, using the plan.
 
@@ -169,7 +205,9 @@ def run_pipeline(ctx: GraphContext, recipe, plan, *, on_plugin_error: str = "rai
     reg = registry or get_registry()
     ddir, gid = _debug_dir(), next(_graph_ids)
     result = PipelineResult(modified=False)
-    for step, name in enumerate(order_passes(reg, recipe.passes)):
+    order = order_passes(reg, recipe.passes)
+    _claims(ctx, recipe, order, reg)
+    for step, name in enumerate(order):
         p, cfg, plugin = reg.passes[name], recipe.passes[name], reg.pass_plugin[name]
         _dump(ddir, gid, step, name, "before", ctx.gm)
         # with "skip", the pass works on a copy that replaces the graph only if it succeeds: a

@@ -24,6 +24,7 @@ __all__ = ["DEFAULT_PLUGINS", "Registry", "get_registry", "reset_registry", "plu
 DEFAULT_PLUGINS = (
     "sparsec.passes.activation",
     "sparsec.passes.nm",
+    "sparsec.passes.rsparse",
 )
 
 

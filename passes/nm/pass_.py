@@ -11,6 +11,7 @@ import torch.fx as fx
 
 from sparsec.errors import PlanError, RecipeError
 from sparsec.ir.rewrite import add_constant
+from sparsec.ir.weights import check_weight_sample, weight_sample
 from sparsec.passbase import GraphContext, Pass, Site, block_of, path_matches
 
 from .config import NMWeightsConfig
@@ -39,6 +40,8 @@ def _weight_of(ctx: GraphContext, node) -> tuple | None:
 class NMWeights(Pass):
     name = "nm_weights"
     after = ("activation_threshold",)
+    # TEAL's thresholded linear becomes one nm_linear with the threshold fused
+    shares_weights_with = ("activation_threshold",)
     config_cls = NMWeightsConfig
 
     def needs_calibration(self, config: NMWeightsConfig) -> bool:
@@ -327,31 +330,10 @@ def _drop_dense_copy(impl: int) -> None:
             ext.nm_drop_dense_copy(impl)
 
 
-def weight_sample(w: torch.Tensor, k: int = 16) -> list[float]:
-    """``k`` values of ``w`` at fixed, spread-out flat positions: a fingerprint of the dense
-    weight a plan's N:M weights were made from."""
-    flat = w.detach().reshape(-1)
-    n = flat.numel()
-    # integer positions, the same on every machine and torch version (a float linspace rounds
-    # differently above 2^24 elements)
-    idx = sorted({i * (n - 1) // (k - 1) for i in range(k)}) if n else []
-    return [float(v) for v in flat[torch.tensor(idx, dtype=torch.long)].float().cpu()]
-
-
 def _check_checkpoint(ctx: GraphContext, s: Site, e: dict) -> None:
     """An N:M plan *replaces* the weights of its sites: applied to another checkpoint of the
     architecture (a fine-tune, say), it would silently run the calibrated one's weights."""
-    want = e.get("weight_sample")
-    w = ctx.tensors.get(e["weights"]["weight"])
-    if want is None or w is None or w.device.type == "meta" or isinstance(w, torch._subclasses.FakeTensor):
-        return  # a plan from before fingerprints, or no concrete weight to compare
-    got = weight_sample(w)
-    # the plan's sample in the model's dtype: a bf16 copy of the calibrated fp32 model matches
-    want = [float(v) for v in torch.tensor(want, dtype=torch.float64).to(w.dtype).float()]
-    if got != want:
-        raise PlanError(f"the plan's N:M weights for {s.key!r} were made from another checkpoint: the model's "
-                        f"weight differs from the one calibrated (e.g. {got[0]:.6g} vs {want[0]:.6g} at its "
-                        "first element). Calibrate this model: sparsec.calibrate(model, batches, recipe)")
+    check_weight_sample(ctx, s.key, e, "N:M weights")
 
 
 def _constant(ctx: GraphContext, key: str, value: torch.Tensor, like: fx.Node | None = None) -> fx.Node:
