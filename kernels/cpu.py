@@ -1,9 +1,13 @@
 """Build and load sparsec's C++ CPU kernels (``kernels/<family>/csrc/*.cpp``, one extension).
 
+Every family's sources are found by that pattern (a new family adds its folder, nothing here);
+they share the headers in ``kernels/csrc/`` (``sparsec_common.h``: ISA macros, loads, the
+active-row streaming, the threshold compares, the shared checks), which is on the include path.
+
 Built once with ``torch.utils.cpp_extension`` and cached on disk outside the repository, in
-``$SPARSEC_CACHE/ext`` (default ``~/.cache/sparsec/ext``). The cache key hashes the source,
-the compiler's version, the flags and the torch/python versions, so a change to any of them
-builds anew and stale builds are never loaded. Each build runs in a private folder and is
+``$SPARSEC_CACHE/ext`` (default ``~/.cache/sparsec/ext``). The cache key hashes the sources and
+the shared headers, the compiler's version, the flags and the torch/python versions, so a change
+to any of them builds anew and stale builds are never loaded. Each build runs in a private folder and is
 published by one rename with its size and sha256 (``build.json``); every load checks both
 before importing, and a damaged build is rebuilt (see "the on-disk cache" below). A file lock
 makes two processes that build at the same time wait for one another, at most
@@ -46,9 +50,15 @@ __all__ = ["extension", "loaded", "isa", "cache_dir", "build_info", "ISA_FLAGS",
 
 log = logging.getLogger("sparsec.kernels")
 
-#: every family's C++ kernels, built into one extension (one build, one load)
-SOURCES = [Path(__file__).parent / family / "csrc" / f for family, f in (("activation", "activation_sparse.cpp"),
-                                                                         ("nm", "nm_sparse.cpp"))]
+_HERE = Path(__file__).parent
+
+#: every family's C++ kernels, built into one extension (one build, one load); sorted, so the
+#: build (and its cache key) does not depend on the order the file system lists them in
+SOURCES = sorted(_HERE.glob("*/csrc/*.cpp"))
+#: the headers the families share (``#include "sparsec_common.h"``): on the include path, and
+#: hashed into the cache key with the sources, so an edit to one rebuilds
+INCLUDE_DIR = _HERE / "csrc"
+HEADERS = sorted(INCLUDE_DIR.glob("*.h"))
 
 #: compiler flags per instruction set. No -ffast-math: NaN must propagate as in the reference.
 ISA_FLAGS = {
@@ -96,11 +106,16 @@ def _compiler_version() -> str:
 def _key(which: str) -> tuple[str, list[str]]:
     flags = BASE_FLAGS + ISA_FLAGS[which]
     h = hashlib.sha256()
-    for part in (*(f.read_bytes() for f in SOURCES), " ".join(flags).encode(), _compiler_version().encode(),
-                 torch.__version__.encode(), sys.version.encode()):
+    for part in (*(f.read_bytes() for f in (*SOURCES, *HEADERS)), " ".join(flags).encode(),
+                 _compiler_version().encode(), torch.__version__.encode(), sys.version.encode()):
         h.update(part)
         h.update(b"\0")
     return f"sparsec_cpu_{which}_{h.hexdigest()[:16]}", flags
+
+
+def _families() -> list[str]:
+    """The kernel family packages with C++ sources (``kernels/<family>/csrc/``), sorted."""
+    return sorted(d.name for d in _HERE.iterdir() if (d / "csrc").is_dir() and (d / "__init__.py").is_file())
 
 
 def _import(name: str, path: Path) -> ModuleType:
@@ -130,10 +145,11 @@ def extension(which: str | None = None) -> ModuleType | None:
                       "the sparse ops fall back to their plain-torch references", RuntimeWarning, stacklevel=2)
         mod = None
     if mod is not None and which == isa() and not _registered:
-        # the dispatcher's CPU kernels for sparsec::sparse_linear / sparse_cats_mlp: calls
-        # from compiled graphs then never enter Python
-        from . import activation, nm  # noqa: F401  (define the schemas first)
-
+        # the extension's register_ops() makes its functions the dispatcher's CPU kernels of the
+        # families' ops (calls from compiled graphs then never enter Python): every family
+        # package with C++ sources defines its schemas on import, so import them first
+        for family in _families():
+            importlib.import_module(f"{__package__}.{family}")
         mod.register_ops()
         _registered.append(which)
     _loaded[which] = mod
@@ -330,7 +346,7 @@ def _build(name: str, which: str, flags: list[str], root: Path, final: Path) -> 
     try:
         t0 = time.perf_counter()
         mod = load(name=name, sources=[str(f) for f in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"],
-                   build_directory=str(private), verbose=False)
+                   extra_include_paths=[str(INCLUDE_DIR)], build_directory=str(private), verbose=False)
         dt = time.perf_counter() - t0
         built = Path(mod.__file__)  # <name>.so, or <name>_v1.so when this process built ``name`` before
         size = built.stat().st_size

@@ -16,7 +16,6 @@
 
 #include <torch/extension.h>
 #include <torch/library.h>
-#include <ATen/cpu/Utils.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
@@ -28,29 +27,18 @@
 #include <unordered_map>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include <immintrin.h>
-#define SPARSEC_NM_AVX512 1
-#endif
+// the ISA macros (SPARSEC_AVX512), to_f, load16m, the shared checks and the residual epilogue
+#include "sparsec_common.h"
+
+using namespace sparsec::cpu;
 
 namespace {
-
-inline float f32(float v) { return v; }
-inline float f32(c10::BFloat16 v) { return static_cast<float>(v); }
 
 inline int bits_for(int64_t m) {
   int b = 1;
   while ((int64_t(1) << b) < m) b *= 2;
   return b;
 }
-
-#if defined(SPARSEC_NM_AVX512)
-inline __m512 load16m(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
-inline __m512 load16m(const c10::BFloat16* p, __mmask16 k) {
-  __m256i v = _mm256_maskz_loadu_epi16(k, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-}
-#endif
 
 // 2:4 with 2-bit positions: a byte holds four positions = two groups; its 8-lane keep mask
 struct Lut24 {
@@ -64,7 +52,7 @@ struct Lut24 {
 const Lut24 kLut24;  // shared by the 2:4 kernel and the unpack
 
 
-#if defined(SPARSEC_NM_AVX512)
+#if defined(SPARSEC_AVX512)
 // One output row for BB (1-4) batch rows: returns the kept index where the vector part stopped.
 // 16 dense input lanes = 16/m groups = cnt kept values: load the cnt values, spread them to
 // their lanes with one VEXPANDPS (mask from the positions), FMA with 16 inputs. No gathers:
@@ -115,7 +103,7 @@ inline int64_t nm_row(const T* v, const uint8_t* p, const float* xf, int64_t K, 
 // fp32 (one stream per call before) R = 4 took cold 4096x4096 / 11008x4096 / 4096x11008 from
 // 1.65-1.70x / 1.35-1.39x / 1.55-1.62x of F.linear to 1.82-1.93x / 1.50-1.54x / 1.64-1.71x
 // (three interleaved runs; R = 2 and R = 8 in between). R * BB * 2 accumulators stay <= 8.
-#if defined(SPARSEC_NM_AVX512)
+#if defined(SPARSEC_AVX512)
 #ifndef NM_PREFETCH
 #define NM_PREFETCH 256  // values ahead on each stream; 512 (one stream) and 1024 into L2 measured no better
 #endif
@@ -159,7 +147,7 @@ inline void nm_tail(const T* v, const uint8_t* p, int64_t i, int64_t kept, int64
   for (; i < kept; ++i) {
     const int64_t byte = (i * bits) >> 3, shift = (i * bits) & 7;
     const int64_t k = (i / n) * m + ((p[byte] >> shift) & mask);
-    const float w = f32(v[i]);
+    const float w = to_f(v[i]);
     for (int64_t b = 0; b < B; ++b) acc[b] += w * xf[b * K + k];
   }
 }
@@ -173,7 +161,7 @@ void nm_impl(const float* xf, int64_t B, int64_t K, const T* vals, const uint8_t
   (void)lut;
   at::parallel_for(0, O, 16, [&](int64_t o0, int64_t o1) {
     int64_t o = o0;
-#if defined(SPARSEC_NM_AVX512)
+#if defined(SPARSEC_AVX512)
     // 2:4: 4 rows at once at batch 1, 2 at batch 2, else one row per 4 batch rows
     if (n == 2 && m == 4 && B <= 2) {
       const int R = B == 1 ? 4 : 2;
@@ -191,7 +179,7 @@ void nm_impl(const float* xf, int64_t B, int64_t K, const T* vals, const uint8_t
         for (int r = 0; r < R; ++r) {
           nm_tail(v[r], p[r], i, kept, n, m, bits, mask, xf, B, K, acc[r]);
           for (int64_t b = 0; b < B; ++b)
-            y[b * O + o + r] = static_cast<T>(acc[r][b] + (bias ? f32(bias[o + r]) : 0.f));
+            y[b * O + o + r] = static_cast<T>(acc[r][b] + (bias ? to_f(bias[o + r]) : 0.f));
         }
       }
     }
@@ -202,7 +190,7 @@ void nm_impl(const float* xf, int64_t B, int64_t K, const T* vals, const uint8_t
       float acc[16];
       for (int64_t b = 0; b < B; ++b) acc[b] = 0.f;
       int64_t i = 0;
-#if defined(SPARSEC_NM_AVX512)
+#if defined(SPARSEC_AVX512)
       if (n == 2 && m == 4) {
         for (int64_t b0 = 0; b0 < B; b0 += 4) {
           const int64_t bb = std::min<int64_t>(4, B - b0);
@@ -229,7 +217,7 @@ void nm_impl(const float* xf, int64_t B, int64_t K, const T* vals, const uint8_t
       }
 #endif
       nm_tail(v, p, i, kept, n, m, bits, mask, xf, B, K, acc);
-      for (int64_t b = 0; b < B; ++b) y[b * O + o] = static_cast<T>(acc[b] + (bias ? f32(bias[o]) : 0.f));
+      for (int64_t b = 0; b < B; ++b) y[b * O + o] = static_cast<T>(acc[b] + (bias ? to_f(bias[o]) : 0.f));
     }
   });
 }
@@ -247,7 +235,7 @@ bool prepare_x(const T* x, int64_t count, double thr, float* out) {
   const float t = static_cast<float>(thr);
   const bool th = thr >= 0;
   for (int64_t i = 0; i < count; ++i) {
-    const float v = f32(x[i]);
+    const float v = to_f(x[i]);
     finite &= std::isfinite(v);
     out[i] = (th && std::fabs(v) <= t) ? 0.f : v;
   }
@@ -264,14 +252,6 @@ at::Tensor sparsec_nm_unpack(const at::Tensor& values, const at::Tensor& positio
 // buffer stays about that size.
 at::Tensor unpack_scratch(const at::Tensor& values, const at::Tensor& positions, int64_t n, int64_t m,
                           int64_t in_features, int64_t row0, int64_t nrows);
-
-// s_t(x) for the dense paths of both kernel files: zero where |x| <= t, compared in fp32 (a bf16
-// comparison rounds the threshold); NaN stays; t < 0: x unchanged
-at::Tensor sparsec_threshold_ref(const at::Tensor& x, double thr) {
-  if (thr < 0) return x;
-  auto xa = (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) ? x.abs() : x.abs().to(at::kFloat);
-  return at::where(xa.gt(thr).logical_or(x.isnan()), x, at::zeros({}, x.options()));
-}
 
 namespace {
 // the C++ unpack handles it (else ATen ops on the tensors' device)
@@ -361,7 +341,7 @@ void unpack_rows(const T* v, const uint8_t* p, int64_t O, int64_t kept, int64_t 
       const T* vr = v + o * kept;
       const uint8_t* pr = p + o * pbytes;
       int64_t done = 0;  // dense columns written by the vector path
-#if defined(SPARSEC_NM_AVX512)
+#if defined(SPARSEC_AVX512)
       if (n == 2 && m == 4 && (sizeof(T) == 4 || std::is_same<T, c10::BFloat16>::value)) {
         // 16 columns = 4 groups = 8 kept values = 2 bytes of positions: one expanding load
         for (; done + 16 <= K; done += 16) {
@@ -447,15 +427,6 @@ at::Tensor unpack_scratch(const at::Tensor& values, const at::Tensor& positions,
   return w;
 }
 
-bool sparsec_cpu_has_amx_bf16() {
-  static const bool has = [] {
-    auto caps = at::cpu::get_cpu_capabilities();
-    auto it = caps.find("amx_bf16");
-    return it != caps.end() && it->second.isBool() && it->second.toBool();
-  }();
-  return has;
-}
-
 namespace {
 // ---- the dense copy: where no N:M kernel wins on this CPU --------------------------------------
 // The library GEMM on the masked dense weight beats both N:M paths here (1 thread, cold weights,
@@ -527,24 +498,6 @@ int64_t sparsec_nm_dense_copies(bool drop_dead) {
   for (auto it = dense_copies.begin(); drop_dead && it != dense_copies.end();)
     it = it->second.values.expired() ? dense_copies.erase(it) : std::next(it);
   return static_cast<int64_t>(dense_copies.size());
-}
-
-// The residual-add epilogue (sparsec.codegen fuses ``residual + op(...)`` into the op): added in
-// place to the op's fresh output, so no second output tensor. The shapes must match exactly
-// (codegen fuses only same-shape, same-dtype adds): a broadcast here would be a silent change.
-// A bias (or other per-output vector) the kernels read as a flat [n] array: a broadcastable
-// [1] or [rows, n] one would be read past its end or misread, so it must be exactly [n].
-void sparsec_check_vector(const c10::optional<at::Tensor>& t, int64_t n, const char* op, const char* what) {
-  TORCH_CHECK(!t || (t->dim() == 1 && t->size(0) == n), "sparsec::", op, ": ", what, " must be [", n, "], got ",
-              t->sizes());
-}
-
-at::Tensor sparsec_add_residual(at::Tensor y, const c10::optional<at::Tensor>& residual, const char* op) {
-  if (!residual) return y;
-  TORCH_CHECK(residual->sizes() == y.sizes() && residual->scalar_type() == y.scalar_type(), "sparsec::", op,
-              ": residual of shape ", residual->sizes(), " and dtype ", residual->scalar_type(),
-              " does not match the output (", y.sizes(), ", ", y.scalar_type(), ")");
-  return y.add_(*residual);
 }
 
 at::Tensor sparsec_nm_linear_op(const at::Tensor& x, const at::Tensor& values, const at::Tensor& positions,
