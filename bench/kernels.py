@@ -19,6 +19,21 @@ With ``--nm``: ``ideal`` = dense bytes / compressed bytes (values + packed posit
 
 from __future__ import annotations
 
+if __name__ == "kernels":
+    # imported, not run: `python bench/<script>.py` puts bench/ first on sys.path, so an `import
+    # kernels` (transformers >= 5.25 imports Hugging Face's package of that name on load) found
+    # this script. Step aside: take bench/ off the path and hand the name to the real package
+    # (the importer gets what sys.modules holds once this file has run; the rest of it only
+    # defines functions).
+    import importlib
+    import os
+    import sys
+
+    _here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _here]
+    del sys.modules[__name__]
+    sys.modules[__name__] = importlib.import_module(__name__)
+
 import argparse
 import json
 import statistics

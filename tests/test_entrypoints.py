@@ -133,6 +133,10 @@ def test_checkout_folder_kernels_does_not_shadow_the_installed_package():
     except metadata.PackageNotFoundError:
         pytest.skip("no installed distribution named kernels to hand over to")
     assert "site-packages" in res.stdout and os.path.join(root, "kernels") not in res.stdout, res.stdout
+    # `python bench/quality.py` puts bench/ first on the path, where bench/kernels.py is
+    code = "import sys; sys.path.insert(0, 'bench'); import kernels, transformers.activations; print(kernels.__file__)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=600)
+    assert res.returncode == 0 and "site-packages" in res.stdout, res.stderr[-2000:]
 
 
 _global_model = None  # a script's top-level ``model``: dynamo names its weights G['_global_model']...

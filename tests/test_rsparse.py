@@ -69,6 +69,15 @@ def test_op_matches_float64_reference(dtype, in_f, out_f, r, rows):
         assert ok, err
 
 
+def test_residual_epilogue():
+    w, v, us, b, scale = _operands(37, 23, 4, torch.float32)
+    x, res = torch.randn(2, 37), torch.randn(2, 23)
+    got = torch.ops.sparsec.rsparse_linear_t(x, w.t().contiguous(), b, scale, v, us, 0.3, w, res)
+    assert torch.allclose(got.double(), _ref64(x, w.t(), b, scale, v, us, 0.3) + res.double(), atol=1e-5)
+    with pytest.raises((ValueError, RuntimeError), match="residual of shape"):  # C++: RuntimeError
+        torch.ops.sparsec.rsparse_linear_t(x, w.t().contiguous(), b, scale, v, us, 0.3, w, res[:, :5])
+
+
 @pytest.mark.parametrize("t,expect", [(ALL_ACTIVE, "dense"), (NONE_ACTIVE, "lowrank")])
 def test_all_active_is_the_dense_linear_and_none_active_the_low_rank_one(t, expect):
     w, v, us, b, scale = _operands(29, 17, 4, torch.float32)

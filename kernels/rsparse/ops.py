@@ -115,7 +115,7 @@ def _rsparse_cpu(x, weight_t, bias, scale, v, us, threshold, weight=None, residu
     if ext is None or not hasattr(ext, "rsparse_linear_op"):
         return rsparse_linear_t_reference(x, weight_t, bias, scale, v, us, threshold, weight, residual)
     return ext.rsparse_linear_op(x, weight_t, bias, scale.float().contiguous(), v.contiguous(), us.contiguous(),
-                                 threshold, residual)
+                                 threshold, weight, residual)
 
 
 #: weight -> (version, data_ptr, W^T): the transposed copies the unprepared op uses on CPU

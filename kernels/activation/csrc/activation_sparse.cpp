@@ -41,6 +41,11 @@ int64_t sparsec_nm_dense_copies(bool drop_dead);
 bool sparsec_nm_drop_dense_copy(int64_t impl);
 at::Tensor sparsec_nm_unpack(const at::Tensor& values, const at::Tensor& positions, int64_t n, int64_t m,
                              int64_t in_features);
+// kernels/rsparse/csrc/rsparse_sparse.cpp
+at::Tensor sparsec_rsparse_linear_op(const at::Tensor& x, const at::Tensor& wt, const c10::optional<at::Tensor>& bias,
+                                     const at::Tensor& scale, const at::Tensor& v, const at::Tensor& us, double thr,
+                                     const c10::optional<at::Tensor>& weight,
+                                     const c10::optional<at::Tensor>& residual);
 
 namespace {
 
@@ -319,6 +324,7 @@ void register_ops() {
     l->impl("sparse_linear", TORCH_FN(sparse_linear_op));
     l->impl("sparse_cats_mlp", TORCH_FN(sparse_cats_mlp_op));
     l->impl("nm_linear", TORCH_FN(sparsec_nm_linear_op));
+    l->impl("rsparse_linear_t", TORCH_FN(sparsec_rsparse_linear_op));
     return l;
   }();
   (void)lib;
@@ -353,6 +359,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("drop_dead") = false);
   m.def("nm_drop_dense_copy", &sparsec_nm_drop_dense_copy, "drop the dense copy of the values at this TensorImpl");
   m.def("nm_unpack", &sparsec_nm_unpack, "dense weight from values + packed positions");
+  m.def("rsparse_linear_op", &sparsec_rsparse_linear_op, "sparsec::rsparse_linear_t's CPU kernel");
   m.def("isa", &isa_name, "the instruction set this build was compiled for");
 
 }
