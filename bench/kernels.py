@@ -3,6 +3,7 @@
     python bench/kernels.py [--threads 1] [--reps 25] [--quick] [--json out.json]
     python bench/kernels.py --nm [--n 2 --m 4] ...      (the N:M compressed linear instead)
     python bench/kernels.py --cats ...                  (the CATS fused MLP vs the dense MLP)
+    python bench/kernels.py --rsparse [--density 0.5]   (R-Sparse: sparse rows + low rank)
     python bench/kernels.py --nm --dense-copy --batches 8 16 64   (as compiled models run it:
         calls where dense wins use a cached masked dense copy of the weight)
 
@@ -187,6 +188,69 @@ def bench_cats(a) -> list[dict]:
     return rows
 
 
+RSPARSE_ALPHAS = [1.0, 0.75, 0.5]
+
+
+def bench_rsparse(a) -> list[dict]:
+    """The R-Sparse op (``sparsec::rsparse_linear_t``: active rows of W^T, the complement's rows
+    of v, all rows of us) vs ``F.linear``, at bytes density ``--density`` (default 0.5) with
+    ``alpha`` of the budget on sparse channels (k = alpha d in, rank from the rest). Scores
+    ``|x| ||W[:, i]||`` of x ~ N(0, 1); the threshold leaves k channels active at batch 1.
+    ideal = dense bytes / bytes the kernel reads (k out + (in - k_read) r + r out; the budget's
+    count, r (in + out), is an upper bound); ``1/d`` is the issue's target scale."""
+    from sparsec.kernels import rsparse
+    from sparsec.passes.rsparse.search import rank_for
+
+    d = a.density
+    rows = []
+    print(f"{'shape (out x in)':>18} {'dtype':>5} {'batch':>5} {'alpha':>5} {'k':>6} {'rank':>5} {'dense ms':>9} "
+          f"{'rsparse ms':>10} {'speedup':>8} {'ideal':>6} {'% ideal':>7} {'x 1/d':>6}")
+    g = torch.Generator().manual_seed(0)
+    shapes = SHAPES[:1] if a.quick else SHAPES[:2]
+    batches = a.batches or ([1] if a.quick else [1, 4, 16])
+    for (n_out, k_in) in shapes:
+        for dname, dtype in DTYPES.items():
+            w = (torch.randn(n_out, k_in, generator=g) / k_in**0.5).to(dtype)
+            scale = w.float().norm(dim=0)
+            ws, wts = copies(w, False), copies(w, True)
+            for alpha in RSPARSE_ALPHAS:
+                k = int(alpha * d * k_in)
+                r = rank_for(k_in, n_out, d, k)
+                v = (torch.randn(k_in, r, generator=g) / k_in**0.5).to(dtype)
+                us = torch.randn(r, n_out, generator=g).to(dtype)
+                nf = max(2, -(-COLD_BYTES // max(1, (v.numel() + us.numel()) * v.element_size())))
+                factors = [(v.clone(), us.clone()) for _ in range(min(nf, len(wts)))]
+                for b in batches:
+                    x = torch.randn(b, k_in, generator=g).to(dtype)
+                    score = x.float().abs() * scale
+                    t = float(torch.quantile(score.flatten(), 1 - k / k_in)) if 0 < k < k_in else (
+                        -1.0 if k >= k_in else 3.4e38)
+                    got = torch.ops.sparsec.rsparse_linear_t(x, wts[0], None, scale, v, us, t, ws[0])
+                    ref = rsparse.rsparse_linear_t_reference(x, wts[0], None, scale, v, us, t)
+                    tol = 1e-3 if dtype == torch.float32 else 3e-2
+                    assert torch.allclose(got.float(), ref.float(), atol=tol * float(ref.abs().max()), rtol=tol)
+                    m = ~(score <= t)
+                    k_read = int(m.any(0).sum())
+                    inact = int((~m).any(0).sum())
+                    read = k_read * n_out + inact * r + r * n_out
+
+                    def rs(i):
+                        vv, uu = factors[i % len(factors)]
+                        return torch.ops.sparsec.rsparse_linear_t(x, wts[i % len(wts)], None, scale, vv, uu, t,
+                                                                   ws[i % len(ws)])
+
+                    dn, sp = interleaved(lambda i: F.linear(x, ws[i % len(ws)]), rs, a.reps)
+                    rows.append(dict(shape=f"{n_out}x{k_in}", dtype=dname, batch=b, alpha=alpha, k=k, rank=r,
+                                     density=d))
+                    cols = timing_columns(rows[-1], "rsparse_ms", dn, sp, k_in * n_out / read)
+                    rows[-1]["of_1_over_d"] = dn / sp * d
+                    print(f"{n_out:>8}x{k_in:<9} {dname:>5} {b:>5} {alpha:>5.2f} {k:>6} {r:>5} {cols} "
+                          f"{dn / sp * d:>5.2f}", flush=True)
+                del factors
+            del ws, wts
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
@@ -201,6 +265,8 @@ def main() -> None:
                     help="weight shapes instead of the defaults, e.g. 960x576 576x1536 (SmolLM2's)")
     ap.add_argument("--dense-copy", action="store_true",
                     help="--nm: let calls where dense wins use a cached dense copy (the pass's default)")
+    ap.add_argument("--rsparse", action="store_true", help="benchmark the R-Sparse op (sparse rows + low rank)")
+    ap.add_argument("--density", type=float, default=0.5, help="--rsparse: bytes density")
     ap.add_argument("--n", type=int, default=2)
     ap.add_argument("--m", type=int, default=4)
     a = ap.parse_args()
@@ -214,8 +280,8 @@ def main() -> None:
     ext = cpu.extension()
     info = cpu.build_info()
     print(f"# sparsec C++ kernels: {info}; threads={a.threads}; reps={a.reps}; torch {torch.__version__}")
-    if a.cats or a.nm:
-        rows = bench_cats(a) if a.cats else bench_nm(a)
+    if a.cats or a.nm or a.rsparse:
+        rows = bench_cats(a) if a.cats else bench_nm(a) if a.nm else bench_rsparse(a)
         if a.json:
             with open(a.json, "w") as f:
                 json.dump({"build": info, "threads": a.threads, "rows": rows}, f, indent=1)

@@ -309,7 +309,10 @@ def test_fallback_isas_build_and_lock(tmp_path):
     """AVX2 and portable builds are correct; two processes building one key at once share it.
 
     Runs three builds in parallel subprocesses (about 40 s each on 2 cores)."""
-    env = {**os.environ, "SPARSEC_CACHE": str(tmp_path)}
+    # the waiting process gives up after SPARSEC_BUILD_LOCK_TIMEOUT (300 s) and builds itself: on a
+    # loaded 2-core machine two builds of four sources in parallel took longer than that here
+    # (CI then saw two builders), so the test waits as long as its own timeout
+    env = {**os.environ, "SPARSEC_CACHE": str(tmp_path), "SPARSEC_BUILD_LOCK_TIMEOUT": "900"}
     procs = [subprocess.Popen([sys.executable, "-c", _CHILD], env={**env, "SPARSEC_CPU_ISA": isa},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for isa in ("portable", "portable", "avx2")]

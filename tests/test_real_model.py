@@ -140,3 +140,23 @@ def test_smollm2_onnx_export_matches_sparsec(smol, tmp_path):
     # compressed: 2:4 fp64 keeps 0.53 of each pruned weight (values + 2-bit positions)
     pruned = sum(p.numel() * 8 for n, p in part.named_parameters() if "layers" in n and p.dim() == 2)
     assert path.stat().st_size < sum(p.numel() * 8 for p in part.parameters()) - 0.4 * pruned
+
+
+def test_rsparse50_beats_teal50_on_the_same_windows(smol):
+    """R-Sparse at half the weight bytes per token against TEAL at 50% (both with the same
+    per-layer budget everywhere: R-Sparse's per-layer search, TEAL's uniform allocation), on
+    the same windows. bench/quality.py has the full table (greedy allocations, 8 x 512 tokens)."""
+    from sparsec.models.data import calibration_windows, evaluation_windows
+
+    model, tok = smol
+    ev = evaluation_windows(tok, 2, 128)
+    cal = calibration_windows(tok, 8, 128, batch=4)
+    ppl = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, recipe in (("teal", "teal-50-uniform"),
+                             ("rsparse", {"passes": {"rsparse": {"density": 0.5, "search": "layer", "tokens": 256}}})):
+            plan = sparsec.calibrate(model, cal, recipe, progress=False)
+            ppl[name] = perplexity(sparse_model(model, plan), ev)
+    dense = perplexity(model, ev)
+    assert dense < ppl["rsparse"] < ppl["teal"], (dense, ppl)

@@ -23,7 +23,7 @@ import sparsec
 import sparsec.kernels.rsparse as rk
 from sparsec.errors import PassError, PlanError, RecipeError
 from sparsec.passes.rsparse.search import (
-    ALL_ACTIVE, FLT_MAX, NONE_ACTIVE, best_choice, choices, fixed_choice, layer_svd, planned_weights, rank_for,
+    ALL_ACTIVE, NONE_ACTIVE, best_choice, choices, fixed_choice, layer_svd, planned_weights, rank_for,
 )
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1.6e-2}

@@ -16,7 +16,7 @@ import torch
 
 from sparsec.calibrate import model_scorer, split_batch
 
-from .search import Choice, LayerSVD, channel_grid, choices, layer_svd, planned_weights
+from .search import Choice, LayerSVD, channel_grid, choices, layer_svd
 
 __all__ = ["collect_inputs", "calibrate_rsparse", "rsparse_transform", "allocate"]
 
@@ -199,7 +199,3 @@ def calibrate_rsparse(pass_, model, sites, config, batches, progress: bool, weig
         for e in entries.values():
             e["kl_uniform"], e["kl_greedy"] = summary["kl_uniform"], summary["kl_greedy"]
     return entries, tensors
-
-
-def planned_density(in_f: int, out_f: int, c: Choice) -> float:
-    return planned_weights(in_f, out_f, c) / (in_f * out_f)

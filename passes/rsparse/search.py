@@ -145,7 +145,7 @@ def best_choice(svd: LayerSVD, density: float, steps: int) -> Choice:
 
 def fixed_choice(svd: LayerSVD, density: float, alpha: float) -> Choice:
     """``alpha`` of the budget to channels, the rest to rank."""
-    in_f, out_f = svd.in_features, svd.out_features
+    in_f = svd.in_features
     k = min(in_f, math.floor(alpha * density * in_f + 1e-9))
     return choices(svd, [density], [k])[density]
 
