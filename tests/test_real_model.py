@@ -143,9 +143,11 @@ def test_smollm2_onnx_export_matches_sparsec(smol, tmp_path):
 
 
 def test_rsparse50_beats_teal50_on_the_same_windows(smol):
-    """R-Sparse at half the weight bytes per token against TEAL at 50% (both with the same
-    per-layer budget everywhere: R-Sparse's per-layer search, TEAL's uniform allocation), on
-    the same windows. bench/quality.py has the full table (greedy allocations, 8 x 512 tokens)."""
+    """R-Sparse at half the weight bytes per token (its greedy search, fewer calibration rows
+    to keep the test short) against TEAL at 50% (uniform), on the same windows.
+    bench/quality.py has the full table (8 x 512 tokens: TEAL-50 uniform +53%, greedy +51%,
+    R-Sparse-50 greedy +43%; R-Sparse with every layer at 0.5, +58%, does not beat TEAL: on
+    SmolLM2 the low-rank term does not pay for its bytes, so the gain is the allocation)."""
     from sparsec.models.data import calibration_windows, evaluation_windows
 
     model, tok = smol
@@ -155,7 +157,7 @@ def test_rsparse50_beats_teal50_on_the_same_windows(smol):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name, recipe in (("teal", "teal-50-uniform"),
-                             ("rsparse", {"passes": {"rsparse": {"density": 0.5, "search": "layer", "tokens": 256}}})):
+                             ("rsparse", {"passes": {"rsparse": {"density": 0.5, "search": "greedy", "tokens": 256}}})):
             plan = sparsec.calibrate(model, cal, recipe, progress=False)
             ppl[name] = perplexity(sparse_model(model, plan), ev)
     dense = perplexity(model, ev)
