@@ -180,10 +180,11 @@ def check_claims(sites_by_pass: dict[str, list], registry: Registry) -> None:
                             "not compose on one linear: give them disjoint targets/ignore")
 
 
-def _claims(ctx: GraphContext, recipe, names: list[str], reg: Registry) -> None:
-    """Match every pass of the recipe on the graph as captured, to ``check_claims``."""
+def _claims(ctx: GraphContext, recipe, names: list[str], reg: Registry) -> dict[str, list]:
+    """Match every pass of the recipe on the graph as captured, to ``check_claims``; returns
+    what each matched there (nothing for a lone pass: there is nothing to check)."""
     if len(names) < 2:
-        return
+        return {}
     found = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # each pass warns about its matches when it runs
@@ -193,6 +194,7 @@ def _claims(ctx: GraphContext, recipe, names: list[str], reg: Registry) -> None:
             except Exception:  # a pass that cannot match the raw graph says so when it runs
                 found[name] = []
     check_claims(found, reg)
+    return found
 
 
 def run_pipeline(ctx: GraphContext, recipe, plan, *, on_plugin_error: str = "raise", registry: Registry | None = None) -> PipelineResult:
@@ -206,7 +208,7 @@ def run_pipeline(ctx: GraphContext, recipe, plan, *, on_plugin_error: str = "rai
     ddir, gid = _debug_dir(), next(_graph_ids)
     result = PipelineResult(modified=False)
     order = order_passes(reg, recipe.passes)
-    _claims(ctx, recipe, order, reg)
+    on_capture = _claims(ctx, recipe, order, reg)
     for step, name in enumerate(order):
         p, cfg, plugin = reg.passes[name], recipe.passes[name], reg.pass_plugin[name]
         _dump(ddir, gid, step, name, "before", ctx.gm)
@@ -244,6 +246,8 @@ def run_pipeline(ctx: GraphContext, recipe, plan, *, on_plugin_error: str = "rai
         # a pass the recipe names that does nothing must say so (a silently idle pass looks applied)
         ran = result.ran[: result.ran.index(name)]
         changed_by = [n for n in ran if any(s.pass_name == n for s in result.sites)]
+        if name in on_capture and not on_capture[name]:
+            changed_by = []  # it matched nothing on the graph as captured either
         why = (f"the passes before it ({', '.join(changed_by)}) rewrote sites it may have matched"
                if changed_by else "no call in it fits the pass's pattern and its targets/ignore")
         warnings.warn(f"sparsec: pass {name!r} matched no site in this graph: {why}", SparsecNotice, stacklevel=2)

@@ -78,7 +78,7 @@ def test_disable_autoload_and_trace_env():
     code = "import sparsec; r = sparsec.get_registry(); print(sorted(r.passes))"
     env = dict(os.environ, SPARSEC_DISABLE_PLUGIN_AUTOLOAD="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "['activation_threshold', 'nm_weights']"  # built-ins only
+    assert out.stdout.strip() == "['activation_threshold', 'nm_weights', 'rsparse']"  # built-ins only
     env = dict(os.environ, SPARSEC_TRACE_PLUGINS="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert "spark_topk" in out.stdout

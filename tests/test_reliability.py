@@ -151,15 +151,23 @@ def test_bad_recipe_is_an_error_even_when_the_graph_needs_gradients(tiny):
 
 
 def test_pass_that_matches_nothing_says_so(tiny, tiny_plan):
-    """A recipe pass that finds no site beside one that rewrites: a notice naming it and why."""
-    recipe = {"passes": {"activation_threshold": {"mode": "teal", "sparsity": 0.3, "allocation": "uniform"},
-                         "spark_topk": {"sparsity": 0.5, "ignore": ["lm_head"]}}}
+    """A recipe pass that finds no site beside one that rewrites: a notice naming it and why.
+    Two passes that would take the same linears never get that far: they are refused, naming
+    both (``check_claims``; before it, the second one silently matched nothing)."""
+    teal = {"mode": "teal", "sparsity": 0.3, "allocation": "uniform"}
     ids = torch.randint(0, 256, (1, 5))
+    recipe = {"passes": {"activation_threshold": teal, "spark_topk": {"sparsity": 0.5, "ignore": ["model", "lm_head"]}}}
     with torch.no_grad(), warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         torch.compile(tiny, backend="sparsec", options={"recipe": recipe, "dense_backend": "eager"})(ids)
     said = _notices(seen, "pass 'spark_topk' matched no site")
-    assert said and "activation_threshold" in str(said[0].message)  # why: the pass before it took the linears
+    assert said and "targets/ignore" in str(said[0].message)
+    torch._dynamo.reset()
+    recipe = {"passes": {"activation_threshold": teal, "spark_topk": {"sparsity": 0.5, "ignore": ["lm_head"]}}}
+    with pytest.raises(Exception, match="passes 'activation_threshold' and 'spark_topk' both claim the linear"), \
+            torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.compile(tiny, backend="sparsec", options={"recipe": recipe, "dense_backend": "eager"})(ids)
 
 
 def _fallback_plans(model):
