@@ -26,7 +26,7 @@ from .plugins import get_registry
 from .recipes import resolve_recipe
 
 __all__ = ["ArgsKwargs", "check_batch", "calibrate", "calibrate_graph", "split_batch", "record_kwargs", "first_tensor", "with_weights",
-           "model_scorer"]
+           "model_scorer", "record_site_inputs"]
 
 
 @dataclass(frozen=True)
@@ -171,6 +171,25 @@ class _BlockScorer:
         finally:
             for h in hooks:
                 h.remove()
+
+
+def record_site_inputs(ctx, sites: list, record, example_inputs) -> None:
+    """Run the captured graph once on ``example_inputs`` with ``record(x, site.key)`` called on
+    each site's ``nodes["input"]``, then take the recording calls out again: how passes that
+    calibrate a compile without a plan (``ModelCalibration.calibrate_graph``) see their inputs.
+    ``record`` should be a plain function (FX prints its name into the graph's code)."""
+    graph, added = ctx.gm.graph, []
+    for s in sites:
+        with graph.inserting_after(s.nodes["input"]):
+            added.append(graph.call_function(record, (s.nodes["input"], s.key)))
+    ctx.gm.recompile()
+    try:
+        with torch.no_grad():
+            ctx.gm(*example_inputs)
+    finally:
+        for n in added:
+            graph.erase_node(n)
+        ctx.gm.recompile()
 
 
 def model_scorer(model: torch.nn.Module, sites: list, batches: list, transform):

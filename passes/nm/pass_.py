@@ -113,22 +113,11 @@ class NMWeights(Pass):
     def calibrate_graph(self, ctx: GraphContext, sites: list[Site], config: NMWeightsConfig, example_inputs):
         """Compile without a plan: score on the compile's example inputs, on the captured graph
         (Hessians of the dense model: SparseGPT without the block-by-block propagation)."""
+        from sparsec.calibrate import record_site_inputs
+
         stats: dict[str, torch.Tensor] = {}
-        added = []
         if config.method != "magnitude":
-            record = _recorder(stats, hessian=config.method == "sparsegpt")
-            graph = ctx.gm.graph
-            for s in sites:
-                with graph.inserting_after(s.nodes["input"]):
-                    added.append(graph.call_function(record, (s.nodes["input"], s.key)))
-            ctx.gm.recompile()
-            try:
-                with torch.no_grad():
-                    ctx.gm(*example_inputs)
-            finally:
-                for n in added:
-                    graph.erase_node(n)
-                ctx.gm.recompile()
+            record_site_inputs(ctx, sites, _recorder(stats, hessian=config.method == "sparsegpt"), example_inputs)
         entries, tensors = {}, {}
         for s in sites:
             w = ctx.tensors[s.weights["weight"]].detach()

@@ -50,25 +50,16 @@ class RSparse(Pass):
     def calibrate_graph(self, ctx: GraphContext, sites: list[Site], config: RSparseConfig, example_inputs):
         """Compile without a plan: the per-layer search on the compile's example inputs (no
         model to score an allocation on: every layer at the recipe's density)."""
+        from sparsec.calibrate import record_site_inputs
+
         from .calibration import calibrate_rsparse
 
         inputs: dict[str, torch.Tensor] = {}
-        graph, added = ctx.gm.graph, []
 
         def sparsec_rsparse_record(x: torch.Tensor, key: str) -> None:
             inputs[key] = x.detach().reshape(-1, x.shape[-1]).float()[: config.tokens].clone()
 
-        for s in sites:
-            with graph.inserting_after(s.nodes["input"]):
-                added.append(graph.call_function(sparsec_rsparse_record, (s.nodes["input"], s.key)))
-        ctx.gm.recompile()
-        try:
-            with torch.no_grad():
-                ctx.gm(*example_inputs)
-        finally:
-            for n in added:
-                graph.erase_node(n)
-            ctx.gm.recompile()
+        record_site_inputs(ctx, sites, sparsec_rsparse_record, example_inputs)
         weights = {s.key: ctx.tensors[s.weights["weight"]] for s in sites}
         local = RSparseConfig(**{**vars(config), "search": "layer" if config.search == "greedy" else config.search})
         return calibrate_rsparse(self, None, sites, local, [], False, weights=weights, inputs=inputs)
